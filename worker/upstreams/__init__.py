@@ -1,1 +1,35 @@
-"""Clients of the three upstream systems, each behind the `Upstream` protocol in `base`."""
+"""Clients of the three upstream systems, each behind the `Upstream` protocol in `base`.
+
+`build_upstreams(settings)` is the one entry point the sync loop and the action runner use.
+The client modules (and aiohttp with them) are imported only when it is called, so commands
+that never talk to an upstream do not pay for them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+    from worker.model import System
+    from worker.upstreams.base import Upstream
+
+
+def build_upstreams(settings: Settings) -> dict[System, Upstream]:
+    """One client per configured system. Nothing is opened yet: sessions start at first use.
+    Close every client with `await client.aclose()` when done."""
+    from worker.upstreams.aicc import AiccClient
+    from worker.upstreams.koodrive import KooDriveClient
+    from worker.upstreams.secmaster import SecMasterClient
+
+    systems = settings.systems
+    # Each system can use every slot of the global concurrency, never more.
+    limit = settings.worker.concurrency
+    clients: dict[System, Upstream] = {}
+    if systems.aicc is not None:
+        clients["aicc"] = AiccClient(systems.aicc, connector_limit=limit)
+    if systems.secmaster is not None:
+        clients["secmaster"] = SecMasterClient(systems.secmaster, connector_limit=limit)
+    if systems.koodrive is not None:
+        clients["koodrive"] = KooDriveClient(systems.koodrive, connector_limit=limit)
+    return clients

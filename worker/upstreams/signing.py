@@ -1,8 +1,10 @@
 """The two HMAC request-signing schemes: SecMaster's SDK-HMAC-SHA256 and KooDrive's app auth.
 
-Written here (about 80 lines) because the official SDK is synchronous and pins an exact pymongo;
-its signer is the test oracle (tests/test_signing.py). The sandbox verifies with the same
-canonicalisation, so both sides of every test speak exactly one definition of it.
+Written here (about 100 lines) because the official SDK is synchronous and pins an exact pymongo;
+its signer (`huaweicloudsdkcore.signer.signer.Signer`) is the oracle: tests/test_signing.py signs
+hundreds of random requests with both and requires identical Authorization headers. Where the
+SDK's behaviour is surprising it is mirrored on purpose and says so below. The sandbox verifies
+with these same functions, so both sides of every test speak exactly one definition of it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from urllib.parse import quote, unquote, urlsplit
 SDK_ALGORITHM = "SDK-HMAC-SHA256"
 APP_ALGORITHM = "HMAC-SHA256"
 DATE_FORMAT = "%Y%m%dT%H%M%SZ"
+CONTENT_SHA256 = "X-Sdk-Content-Sha256"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 def format_date(moment: datetime | None = None) -> str:
+    """UTC `YYYYMMDDTHHMMSSZ`. Truncates to the second, so "now" is never in the future."""
     return (moment or datetime.now(UTC)).astimezone(UTC).strftime(DATE_FORMAT)
 
 
@@ -27,21 +33,23 @@ def parse_date(text: str) -> datetime:
 
 
 def _encode(text: str) -> str:
-    # RFC 3986 unreserved characters stay; everything else (including '/', '~' aside) is encoded.
+    # RFC 3986: unreserved characters stay, '~' included; everything else, '/' too, is encoded.
     return quote(text, safe="~")
 
 
 def canonical_uri(path: str) -> str:
-    """Each segment percent-encoded (after undoing any encoding already applied); trailing '/'."""
-    segments = [_encode(unquote(segment)) for segment in path.split("/")]
-    uri = "/".join(segments)
+    """Percent-decode the whole path, split on '/', encode each segment; always a trailing '/'.
+
+    Decoding before splitting (as the SDK does) means an encoded '%2F' counts as a separator.
+    """
+    uri = "/".join(_encode(segment) for segment in unquote(path or "/").split("/"))
     return uri if uri.endswith("/") else uri + "/"
 
 
 def canonical_query(pairs: Iterable[tuple[str, str]]) -> str:
-    """Sorted by name (then value, so repeated keys are stable); an empty value keeps its '='."""
-    encoded = sorted((_encode(k), _encode(v)) for k, v in pairs)
-    return "&".join(f"{k}={v}" for k, v in encoded)
+    """Pairs sorted by (name, value) *before* encoding, as the SDK sorts them; an empty value
+    keeps its '='. Sorting the decoded text matters for non-ASCII names ('é' vs '%C3%A9')."""
+    return "&".join(f"{_encode(k)}={_encode(v)}" for k, v in sorted(pairs))
 
 
 def canonical_request(
@@ -51,6 +59,8 @@ def canonical_request(
     headers: Mapping[str, str],
     signed: list[str],
     body: bytes,
+    *,
+    payload_hash: str | None = None,
 ) -> str:
     lower = {k.lower(): v for k, v in headers.items()}
     canonical_headers = "".join(f"{name}:{lower[name].strip()}\n" for name in signed)
@@ -61,7 +71,7 @@ def canonical_request(
             canonical_query(query),
             canonical_headers,
             ";".join(signed),
-            hashlib.sha256(body).hexdigest(),
+            payload_hash or hashlib.sha256(body).hexdigest(),
         )
     )
 
@@ -70,12 +80,30 @@ def _hmac(secret: str, text: str) -> str:
     return hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
+def _sdk_payload_hash(headers: Mapping[str, str], body: bytes) -> str:
+    # As the SDK: an empty body hashes to the empty hash, and a declared X-Sdk-Content-Sha256
+    # (e.g. UNSIGNED-PAYLOAD) replaces the body's hash.
+    if not body:
+        return EMPTY_SHA256
+    declared = {k.lower(): v for k, v in headers.items()}.get(CONTENT_SHA256.lower())
+    return declared or hashlib.sha256(body).hexdigest()
+
+
 def sdk_signature(
-    method: str, path: str, query: Iterable[tuple[str, str]], headers: Mapping[str, str], signed: list[str], body: bytes, sk: str
+    method: str,
+    path: str,
+    query: Iterable[tuple[str, str]],
+    headers: Mapping[str, str],
+    signed: list[str],
+    body: bytes,
+    sk: str,
 ) -> str:
     """Signature of SDK-HMAC-SHA256. `headers` must contain X-Sdk-Date and every signed header."""
     date = {k.lower(): v for k, v in headers.items()}["x-sdk-date"]
-    request_hash = hashlib.sha256(canonical_request(method, path, query, headers, signed, body).encode()).hexdigest()
+    canonical = canonical_request(
+        method, path, query, headers, signed, body, payload_hash=_sdk_payload_hash(headers, body)
+    )
+    request_hash = hashlib.sha256(canonical.encode()).hexdigest()
     return _hmac(sk, f"{SDK_ALGORITHM}\n{date}\n{request_hash}")
 
 
@@ -88,15 +116,26 @@ def sign_sdk(
     sk: str,
     date: str | None = None,
 ) -> dict[str, str]:
-    """Return headers with X-Sdk-Date, Host and Authorization added (every header is signed)."""
+    """Return headers with X-Sdk-Date, Host and Authorization added.
+
+    Every header is signed except names containing '_' (the SDK skips those). `url` must be the
+    URL exactly as it goes on the wire (path percent-encoded, query encoded).
+    """
     parts = urlsplit(url)
     out = dict(headers)
-    out.setdefault("X-Sdk-Date", date or format_date())
-    if not any(k.lower() == "host" for k in out):
+    names = {k.lower() for k in out}
+    content_type = next((v for k, v in out.items() if k.lower() == "content-type"), "")
+    if content_type and not content_type.startswith(("application/json", "application/bson")):
+        # Mirrors the SDK: a body that is not JSON is declared, not hashed.
+        out[CONTENT_SHA256] = UNSIGNED_PAYLOAD
+    if "x-sdk-date" not in names:
+        out["X-Sdk-Date"] = date or format_date()
+    if "host" not in names:
         out["Host"] = parts.netloc
-    signed = sorted(k.lower() for k in out)
-    query = query_pairs(parts.query)
-    signature = sdk_signature(method, parts.path or "/", query, out, signed, body, sk)
+    signed = sorted(k.lower() for k in out if "_" not in k)
+    signature = sdk_signature(
+        method, parts.path or "/", query_pairs(parts.query), out, signed, body, sk
+    )
     out["Authorization"] = (
         f"{SDK_ALGORITHM} Access={ak}, SignedHeaders={';'.join(signed)}, Signature={signature}"
     )
@@ -106,9 +145,17 @@ def sign_sdk(
 APP_SIGNED = ["host", "x-date", "x-user-id"]
 
 
-def app_signature(method: str, path: str, query: Iterable[tuple[str, str]], headers: Mapping[str, str], body: bytes, secret: str) -> str:
-    """KooDrive app auth: StringToSign has no date line (upstream.md)."""
-    request_hash = hashlib.sha256(canonical_request(method, path, query, headers, APP_SIGNED, body).encode()).hexdigest()
+def app_signature(
+    method: str,
+    path: str,
+    query: Iterable[tuple[str, str]],
+    headers: Mapping[str, str],
+    body: bytes,
+    secret: str,
+) -> str:
+    """KooDrive app auth: StringToSign has no date line (upstream.md). No official vector."""
+    canonical = canonical_request(method, path, query, headers, APP_SIGNED, body)
+    request_hash = hashlib.sha256(canonical.encode()).hexdigest()
     return _hmac(secret, f"{APP_ALGORITHM}\n{request_hash}")
 
 
@@ -122,22 +169,35 @@ def sign_app(
     user_id: str,
     date: str | None = None,
 ) -> dict[str, str]:
+    """Return headers with X-User-Id, X-Date (now, truncated: never in the future), Host and
+    Authorization set."""
     parts = urlsplit(url)
-    out = dict(headers)
+    drop = {"x-user-id", "x-date", "host", "authorization"}
+    out = {k: v for k, v in headers.items() if k.lower() not in drop}
     out["X-User-Id"] = user_id
     out["X-Date"] = date or format_date()
     out["Host"] = parts.netloc
-    signature = app_signature(method, parts.path or "/", query_pairs(parts.query), out, body, app_secret)
-    out["Authorization"] = f"{APP_ALGORITHM} AppId={app_id},SignedHeaders={';'.join(APP_SIGNED)},Signature={signature}"
+    signature = app_signature(
+        method, parts.path or "/", query_pairs(parts.query), out, body, app_secret
+    )
+    out["Authorization"] = (
+        f"{APP_ALGORITHM} AppId={app_id},SignedHeaders={';'.join(APP_SIGNED)},Signature={signature}"
+    )
     return out
 
 
 def query_pairs(query: str) -> list[tuple[str, str]]:
+    """Decode a raw query string into (name, value) pairs, keeping order, repeats and empties."""
     pairs = []
     for item in query.split("&") if query else []:
         name, _, value = item.partition("=")
         pairs.append((unquote(name.replace("+", " ")), unquote(value.replace("+", " "))))
     return pairs
+
+
+def encode_query(pairs: Iterable[tuple[str, str]]) -> str:
+    """The query string to send: exactly the canonical form, so what is signed is what is sent."""
+    return canonical_query(pairs)
 
 
 def parse_authorization(header: str) -> tuple[str, dict[str, str]]:
