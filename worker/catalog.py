@@ -7,7 +7,7 @@ claims with the same function and fails the row with the message this module pro
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from worker.model import SYSTEMS, ActionSpec, System
 
@@ -32,9 +32,14 @@ ACTIONS: dict[tuple[System, str], ActionSpec] = {
             },
             defaults={"type": "Iternal"},  # sic: the only value AICC documents
         ),
-        ActionSpec("secmaster", "comment", required=("comment",), max_lengths={"comment": MAX_COMMENT}),
         ActionSpec(
-            "secmaster", "delete-comment", required=("comment_id",), max_lengths={"comment_id": MAX_ID_PARAM}
+            "secmaster", "comment", required=("comment",), max_lengths={"comment": MAX_COMMENT}
+        ),
+        ActionSpec(
+            "secmaster",
+            "delete-comment",
+            required=("comment_id",),
+            max_lengths={"comment_id": MAX_ID_PARAM},
         ),
         ActionSpec("secmaster", "terminate"),
         ActionSpec("secmaster", "continue"),
@@ -66,7 +71,7 @@ def option_name(param: str) -> str:
 def check_system(system: str) -> System:
     if system not in SYSTEMS:
         raise InvalidInput(f"unknown system {system!r}: expected one of {', '.join(SYSTEMS)}")
-    return system  # type: ignore[return-value]
+    return cast(System, system)
 
 
 def check_task_id(task_id: object) -> str:

@@ -45,7 +45,7 @@ class ConfigError(Exception):
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string such as "90s", "5m", "1h30m", "250ms"."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30, \"90s\", \"5m\" or \"1h\"")
+        raise ValueError('expected a duration such as 30, "90s", "5m" or "1h"')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
@@ -61,10 +61,10 @@ def parse_duration(value: object) -> float:
                 pos = match.end()
             if pos == 0 or text[pos:].strip():
                 raise ValueError(
-                    f"{value!r} is not a duration: use seconds or a string like \"90s\", \"5m\", \"1h\""
+                    f'{value!r} is not a duration: use seconds or a string like "90s", "5m", "1h"'
                 ) from None
     else:
-        raise ValueError("expected a duration such as 30, \"90s\", \"5m\" or \"1h\"")
+        raise ValueError('expected a duration such as 30, "90s", "5m" or "1h"')
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
         raise ValueError("a duration must be a finite number of seconds, zero or more")
     return seconds
@@ -100,7 +100,7 @@ def parse_schedule(value: object) -> Schedule:
         seconds = parse_duration(value)
     except ValueError:
         raise ValueError(
-            f"{value!r} is neither a 5-field cron expression nor a duration such as \"30s\""
+            f'{value!r} is neither a 5-field cron expression nor a duration such as "30s"'
         ) from None
     if seconds <= 0:
         raise ValueError("an interval schedule must be longer than zero")
@@ -249,7 +249,9 @@ class KooDriveSettings(_SystemSettings):
 
 
 def _check_auth_modes(section: BaseModel, modes: Mapping[str, tuple[str, ...]]) -> None:
-    given = {name: [k for k in keys if getattr(section, k) is not None] for name, keys in modes.items()}
+    given = {
+        name: [k for k in keys if getattr(section, k) is not None] for name, keys in modes.items()
+    }
     used = [name for name, keys in given.items() if keys]
     if len(used) > 1:
         keys = ", ".join(k for name in used for k in given[name])
@@ -308,7 +310,9 @@ def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path |
     return None
 
 
-def load_config(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+def load_config(
+    explicit: str | None = None, environ: Mapping[str, str] | None = None
+) -> LoadedConfig:
     """Read, merge and validate the configuration. Raises ConfigError naming the key."""
     env = os.environ if environ is None else environ
     path = find_config_file(explicit, env)
@@ -336,7 +340,9 @@ def load_config(explicit: str | None = None, environ: Mapping[str, str] | None =
     return LoadedConfig(settings=settings, path=path, warnings=warnings)
 
 
-def _mark_origin(node: Any, prefix: tuple[str, ...], source: str, origin: dict[tuple[str, ...], str]) -> None:
+def _mark_origin(
+    node: Any, prefix: tuple[str, ...], source: str, origin: dict[tuple[str, ...], str]
+) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             _mark_origin(value, (*prefix, str(key)), source, origin)
@@ -354,7 +360,9 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _apply_environment(data: dict[str, Any], env: Mapping[str, str], origin: dict[tuple[str, ...], str]) -> None:
+def _apply_environment(
+    data: dict[str, Any], env: Mapping[str, str], origin: dict[tuple[str, ...], str]
+) -> None:
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -365,7 +373,9 @@ def _apply_environment(data: dict[str, Any], env: Mapping[str, str], origin: dic
         origin[path] = name
 
 
-def _apply_credentials(data: dict[str, Any], env: Mapping[str, str], origin: dict[tuple[str, ...], str]) -> None:
+def _apply_credentials(
+    data: dict[str, Any], env: Mapping[str, str], origin: dict[tuple[str, ...], str]
+) -> None:
     directory = env.get("CREDENTIALS_DIRECTORY")
     if not directory:
         return
@@ -379,12 +389,16 @@ def _apply_credentials(data: dict[str, Any], env: Mapping[str, str], origin: dic
             section = systems.get(system) if isinstance(systems, dict) else None
             # A credential fills a key; it does not enable a system on its own (a unit may
             # load credentials for systems it has not configured).
-            if section is None and not any(n.startswith(f"{ENV_PREFIX}SYSTEMS__{system.upper()}__") for n in env):
+            if section is None and not any(
+                n.startswith(f"{ENV_PREFIX}SYSTEMS__{system.upper()}__") for n in env
+            ):
                 continue
             try:
                 secret = file.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"systems.{system}.{key}: cannot read credential file {file}: {exc}") from None
+                raise ConfigError(
+                    f"systems.{system}.{key}: cannot read credential file {file}: {exc}"
+                ) from None
             _set_path(data, ("systems", system, key), secret)
             origin[("systems", system, key)] = f"credential {file}"
     db_file = base / "database_url"

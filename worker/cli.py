@@ -1,0 +1,611 @@
+"""The `tasksync` command line: parse, call one function, print. No business logic here.
+
+Exit status (interface.md): 0 success; 2 bad usage or input; 78 bad configuration; 1 anything
+else. A user error never prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from worker.catalog import (
+    ACTIONS,
+    InvalidInput,
+    action_spec,
+    check_system,
+    check_task_id,
+    validate_params,
+)
+from worker.config import EX_CONFIG, ConfigError, LoadedConfig, load_config
+
+if TYPE_CHECKING:
+    from worker.store import Store
+
+log = logging.getLogger("worker.cli")
+T = TypeVar("T")
+
+EX_USAGE = 2
+EX_FAILURE = 1
+
+# Every action option the command line knows, and the parameter it fills.
+ACTION_OPTIONS = {
+    "title": "--title",
+    "description": "--description",
+    "type": "--type",
+    "attachment": "--attachment",
+    "creator_id": "--creator-id",
+    "comment": "--comment",
+    "comment_id": "--comment-id",
+    "attachment_id": "--attachment-id",
+}
+
+
+class UsageError(Exception):
+    """Bad command-line usage: exit 2 with this one-line message."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming what is wrong, instead of argparse's usage dump.
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="tasksync", description="Sync Huawei Cloud tasks into a database and act on them."
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $TASKSYNC_CONFIG, ./tasksync.toml, /etc/tasksync/tasksync.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        default=None,
+        help="debug, info, warning or error (default: info; warning for one-shot commands)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    sub.add_parser("migrate", help="bring the database schema to the newest revision")
+    for name, verb in (("track", "start tracking"), ("untrack", "stop polling")):
+        p = sub.add_parser(name, help=f"{verb} tasks")
+        p.add_argument("system", metavar="SYSTEM")
+        p.add_argument("task_ids", metavar="TASK_ID", nargs="+")
+    p = sub.add_parser("discover", help="page through list endpoints and track new tasks")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("systems", metavar="SYSTEM", nargs="*")
+    p = sub.add_parser("sync", help="one poll cycle over due tasks, then exit")
+    p.add_argument("--all", action="store_true", help="poll every tracked task, due or not")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("systems", metavar="SYSTEM", nargs="*")
+    p = sub.add_parser("enqueue", help="queue an action; prints its id")
+    p.add_argument("system", metavar="SYSTEM")
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("action", metavar="ACTION")
+    for param, option in ACTION_OPTIONS.items():
+        p.add_argument(option, dest=param, metavar="TEXT")
+    p.add_argument(
+        "--key", metavar="KEY", help="idempotency key: a second enqueue with it prints the first id"
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        metavar="N",
+        help="attempts before the action fails (default: retry.max_attempts)",
+    )
+    sub.add_parser("apply", help="apply every due action, then exit")
+    sub.add_parser("run", help="the daemon: scheduled sync, actions and discovery")
+    p = sub.add_parser("status", help="tasks, action queue, last cycles, failing tasks")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("show", help="a task's latest snapshot, history and actions")
+    p.add_argument("system", metavar="SYSTEM")
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("actions", help="list actions")
+    p.add_argument("--status", choices=("pending", "running", "succeeded", "failed", "canceled"))
+    p.add_argument("--json", action="store_true")
+    for name in ("cancel", "retry"):
+        p = sub.add_parser(name, help=f"{name} an action")
+        p.add_argument("action_id", metavar="ACTION_ID")
+    p = sub.add_parser("sandbox", help="serve simulators of the three APIs on loopback")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--faults", metavar="SPEC")
+    p.add_argument("--write-config", metavar="FILE")
+    p.add_argument(
+        "--seed-tasks",
+        type=int,
+        default=20,
+        metavar="N",
+        help="tasks seeded per system (default 20)",
+    )
+    p.add_argument(
+        "--mutate-every", type=float, metavar="SECONDS", help="change random tasks on a timer"
+    )
+    sub.add_parser("demo", help="an end-to-end run on SQLite against the sandbox")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _setup_logging(args)
+        handler = COMMANDS[args.command]
+        return handler(args)
+    except UsageError as exc:
+        return _fail(str(exc), EX_USAGE)
+    except InvalidInput as exc:
+        return _fail(f"tasksync: {exc}", EX_USAGE)
+    except ConfigError as exc:
+        return _fail(f"tasksync: configuration error: {exc}", EX_CONFIG)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the last line of defence: one line, no traceback
+        described = _describe_failure(exc)
+        if described is None:
+            raise
+        return _fail(f"tasksync: {described[0]}", described[1])
+
+
+def _fail(message: str, code: int) -> int:
+    print(message, file=sys.stderr)
+    return code
+
+
+def _describe_failure(exc: BaseException) -> tuple[str, int] | None:
+    """One line and an exit status for the failures a user can meet; None for a bug."""
+    from worker.store import DatabaseUrlError, WorkerLockError
+
+    if isinstance(exc, DatabaseUrlError):
+        return f"configuration error: {exc}", EX_CONFIG
+    if isinstance(exc, WorkerLockError | CommandFailed):
+        return str(exc), EX_FAILURE
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    if isinstance(exc, DBAPIError):
+        detail = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        return f"database error: {detail}", EX_FAILURE
+    if isinstance(exc, SQLAlchemyError):
+        return f"database error: {str(exc).splitlines()[0]}", EX_FAILURE
+    if isinstance(exc, OSError):
+        return f"cannot reach the database: {exc.strerror or exc}", EX_FAILURE
+    return None
+
+
+class CommandFailed(Exception):
+    """A command that ran but could not do what was asked (exit 1)."""
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    long_running = args.command in ("run", "sandbox")
+    level = (args.log_level or ("info" if long_running else "warning")).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise UsageError(
+            f"tasksync: --log-level {args.log_level!r}: expected debug, info, warning or error"
+        )
+    from worker.logs import setup_logging
+
+    setup_logging(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# plumbing shared by the commands
+
+
+def _config(args: argparse.Namespace) -> LoadedConfig:
+    loaded = load_config(args.config)
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    return loaded
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    import anyio
+
+    return anyio.run(fn, backend="asyncio")
+
+
+def _open_store(loaded: LoadedConfig) -> Store:
+    from worker.store import Store
+
+    return Store.open(loaded.settings.database.url)
+
+
+_schema_checked: set[str] = set()
+
+
+def _ensure_schema(url: str) -> None:
+    """A database that was never migrated is migrated on first use (a fresh SQLite file needs
+    no ceremony); one at an older revision is left for `tasksync migrate` to upgrade."""
+    if url in _schema_checked:
+        return
+    from worker.store.migrate import current_revision, head_revision, upgrade
+
+    current = current_revision(url)
+    if current is None:
+        upgrade(url)
+    elif current != head_revision(url):
+        raise CommandFailed(f"the database schema is at revision {current}; run `tasksync migrate`")
+    _schema_checked.add(url)
+
+
+async def _with_store(loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]]) -> T:
+    store = _open_store(loaded)
+    try:
+        return await fn(store)
+    finally:
+        await store.aclose()
+
+
+def _store_call(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
+    loaded = _config(args)
+    _ensure_schema(loaded.settings.database.url)  # outside the event loop: Alembic runs its own
+    return _run(lambda: _with_store(loaded, fn))
+
+
+def _parse_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput(f"action id must be a whole number, not {text!r}") from None
+    if value <= 0:
+        raise InvalidInput(f"action id must be positive, not {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from worker.store import redact_url
+    from worker.store.migrate import upgrade
+
+    loaded = _config(args)
+    url = loaded.settings.database.url
+    revision = upgrade(url)
+    print(f"database {redact_url(url)} is at revision {revision}")
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    system = check_system(args.system)
+    ids = [check_task_id(t) for t in args.task_ids]
+    added = _store_call(args, lambda store: store.track(system, ids))
+    print(f"tracking {len(ids)} {system} task(s), {added} new")
+    return 0
+
+
+def cmd_untrack(args: argparse.Namespace) -> int:
+    system = check_system(args.system)
+    ids = [check_task_id(t) for t in args.task_ids]
+    removed = _store_call(args, lambda store: store.untrack(system, ids))
+    print(f"untracked {removed} {system} task(s); their history is kept")
+    return 0
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    system = check_system(args.system)
+    task_id = check_task_id(args.task_id)
+    spec = action_spec(system, args.action)
+    given = {p: getattr(args, p) for p in ACTION_OPTIONS if getattr(args, p) is not None}
+    allowed = set(spec.required) | set(spec.optional)
+    stray = [ACTION_OPTIONS[p] for p in given if p not in allowed]
+    if stray:
+        takes = (
+            ", ".join(ACTION_OPTIONS[p] for p in (*spec.required, *spec.optional)) or "no options"
+        )
+        raise InvalidInput(
+            f"{system} {spec.kind} does not take {', '.join(stray)} (it takes {takes})"
+        )
+    if args.key is not None and (not args.key.strip() or len(args.key) > 255):
+        raise InvalidInput("--key must be 1 to 255 characters")
+    if args.max_attempts is not None and not 1 <= args.max_attempts <= 1000:
+        raise InvalidInput("--max-attempts must be between 1 and 1000")
+    loaded = _config(args)
+    aicc = loaded.settings.systems.aicc
+    if (
+        spec.kind == "process"
+        and "creator_id" not in given
+        and aicc is not None
+        and aicc.creator_id
+    ):
+        given["creator_id"] = aicc.creator_id
+    params = validate_params(spec, given)
+    _ensure_schema(loaded.settings.database.url)
+    action_id, _created = _run(
+        lambda: _with_store(
+            loaded,
+            lambda store: store.enqueue(
+                system, task_id, spec.kind, params, key=args.key, max_attempts=args.max_attempts
+            ),
+        )
+    )
+    print(action_id)
+    return 0
+
+
+def cmd_actions(args: argparse.Namespace) -> int:
+    from worker.output import decode_json_text, dumps, table
+
+    rows = _store_call(args, lambda store: store.list_actions(args.status))
+    for row in rows:
+        row["params"] = decode_json_text(row["params"])
+        row["result"] = decode_json_text(row["result"])
+    if args.json:
+        print(dumps(rows))
+        return 0
+    if not rows:
+        print("no actions" + (f" with status {args.status}" if args.status else ""))
+        return 0
+    print(
+        table(
+            (
+                "id",
+                "system",
+                "task",
+                "action",
+                "status",
+                "tries",
+                "next attempt",
+                "last error",
+                "params",
+            ),
+            [
+                (
+                    r["id"],
+                    r["system"],
+                    r["task_id"],
+                    r["kind"],
+                    r["status"],
+                    r["attempts"],
+                    r["next_attempt_at"] if r["status"] == "pending" else None,
+                    r["last_error"],
+                    r["params"],
+                )
+                for r in rows
+            ],
+            width=48,
+        )
+    )
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    action_id = _parse_id(args.action_id)
+    status, changed = _store_call(args, lambda store: store.cancel(action_id))
+    if status is None:
+        raise CommandFailed(f"there is no action {action_id}")
+    if not changed:
+        raise CommandFailed(f"action {action_id} is {status}: only pending actions can be canceled")
+    print(f"action {action_id} canceled")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    action_id = _parse_id(args.action_id)
+    status, changed = _store_call(args, lambda store: store.retry(action_id))
+    if status is None:
+        raise CommandFailed(f"there is no action {action_id}")
+    if not changed:
+        raise CommandFailed(f"action {action_id} is {status}: only failed actions can be retried")
+    print(f"action {action_id} is pending again with a fresh attempt budget")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker.output import dumps
+
+    report = _store_call(args, lambda store: store.status_report())
+    if args.json:
+        print(dumps(report))
+    else:
+        print(_format_status(report))
+    return 0
+
+
+def _format_status(report: dict[str, Any]) -> str:
+    from worker.output import table
+
+    out: list[str] = []
+    states = ("open", "in_progress", "done", "failed", "canceled", "unknown")
+    if report["tasks"]:
+        rows = [
+            (system, *(counts.get(s, 0) for s in states), sum(counts.values()))
+            for system, counts in sorted(report["tasks"].items())
+        ]
+        out += ["Tracked tasks", table(("system", *states, "total"), rows), ""]
+    else:
+        out += ["Tracked tasks: none (tasksync track SYSTEM TASK_ID, or tasksync discover)", ""]
+    queue = report["actions"]
+    statuses = ("pending", "running", "succeeded", "failed", "canceled")
+    out += ["Action queue: " + ", ".join(f"{queue.get(s, 0)} {s}" for s in statuses), ""]
+    if report["runs"]:
+        rows = [
+            (
+                r["id"],
+                r["kind"],
+                r["worker"],
+                r["started_at"],
+                r["finished_at"],
+                r["polled"],
+                r["changed"],
+                r["failed"],
+            )
+            for r in report["runs"]
+        ]
+        out += [
+            "Last cycles",
+            table(
+                ("id", "kind", "worker", "started", "finished", "polled", "changed", "failed"), rows
+            ),
+            "",
+        ]
+    else:
+        out += ["Last cycles: none yet", ""]
+    if report["failing"]:
+        rows = [
+            (
+                r["system"],
+                r["task_id"],
+                r["consecutive_failures"],
+                r["next_poll_at"],
+                r["last_error"],
+            )
+            for r in report["failing"]
+        ]
+        out += [
+            "Failing tasks",
+            table(("system", "task", "failures", "next poll", "last error"), rows, width=80),
+        ]
+    else:
+        out += ["Failing tasks: none"]
+    return "\n".join(out)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from worker.output import decode_json_text, dumps
+
+    system = check_system(args.system)
+    task_id = check_task_id(args.task_id)
+    shown = _store_call(args, lambda store: store.show_task(system, task_id))
+    if shown is None:
+        raise CommandFailed(
+            f"{system} task {task_id} is not known: tasksync track {system} {task_id}"
+        )
+    for action in shown["actions"]:
+        action["params"] = decode_json_text(action["params"])
+    if args.json:
+        print(dumps(shown))
+    else:
+        print(_format_show(shown))
+    return 0
+
+
+def _format_show(shown: dict[str, Any]) -> str:
+    from worker.output import cell, dumps, table
+
+    t = shown["task"]
+    out = [
+        f"{t['system']} task {t['task_id']}" + ("" if t["tracked"] else " (not tracked)"),
+        f"  title:        {cell(t['title'], 100)}",
+        f"  status:       {cell(t['status'])} ({t['state']})",
+        f"  last polled:  {cell(t['last_polled_at'])}    next poll: {cell(t['next_poll_at'])}",
+        f"  last changed: {cell(t['last_changed_at'])}    snapshots: {t['snapshot_seq']}",
+    ]
+    if t["last_error"]:
+        out.append(f"  last error:   {t['last_error']} ({t['consecutive_failures']} in a row)")
+    out.append("")
+    if shown["events"]:
+        rows: list[tuple[Any, ...]] = [
+            (e["observed_at"], e["kind"], e["occurred_at"], e["data"]) for e in shown["events"]
+        ]
+        out += ["History", table(("observed", "event", "occurred", "data"), rows, width=90), ""]
+    else:
+        out += ["History: none yet", ""]
+    if shown["actions"]:
+        rows = [
+            (a["id"], a["kind"], a["status"], a["attempts"], a["last_error"], a["params"])
+            for a in shown["actions"]
+        ]
+        out += [
+            "Actions",
+            table(("id", "action", "status", "tries", "last error", "params"), rows),
+            "",
+        ]
+    if shown["snapshot"]:
+        s = shown["snapshot"]
+        out += [
+            f"Latest snapshot (#{s['seq']}, fetched {cell(s['fetched_at'])})",
+            dumps(s["payload"]),
+        ]
+    else:
+        out += ["Latest snapshot: none yet (tasksync sync)"]
+    return "\n".join(out)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from worker.runner import run_sync
+
+    systems = [check_system(s) for s in args.systems]
+    return run_sync(_config(args), systems=systems, all_tasks=args.all, quiet=args.quiet)
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from worker.runner import run_discover
+
+    systems = [check_system(s) for s in args.systems]
+    return run_discover(_config(args), systems=systems, quiet=args.quiet)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from worker.runner import run_apply
+
+    return run_apply(_config(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.service import run_daemon
+
+    loaded = _config(args)
+    _ensure_schema(loaded.settings.database.url)
+    return run_daemon(loaded)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from worker.sandbox import serve
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidInput(f"--port {args.port}: expected 0 to 65535")
+    if args.seed_tasks < 0:
+        raise InvalidInput("--seed-tasks must be zero or more")
+    try:
+        return serve(
+            port=args.port,
+            faults=args.faults,
+            write_config=args.write_config,
+            seed_tasks=args.seed_tasks,
+            mutate_every=args.mutate_every,
+        )
+    except ValueError as exc:  # a bad --faults spec
+        raise InvalidInput(str(exc)) from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo()
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "migrate": cmd_migrate,
+    "track": cmd_track,
+    "untrack": cmd_untrack,
+    "discover": cmd_discover,
+    "sync": cmd_sync,
+    "enqueue": cmd_enqueue,
+    "apply": cmd_apply,
+    "run": cmd_run,
+    "status": cmd_status,
+    "show": cmd_show,
+    "actions": cmd_actions,
+    "cancel": cmd_cancel,
+    "retry": cmd_retry,
+    "sandbox": cmd_sandbox,
+    "demo": cmd_demo,
+}
+
+assert {kind for _, kind in ACTIONS} <= {
+    "process",
+    "comment",
+    "delete-comment",
+    "terminate",
+    "continue",
+    "add-attachment",
+    "delete-attachment",
+}

@@ -1,0 +1,410 @@
+"""The action queue: enqueue, claim in per-task order, attempts and outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from worker.model import JSON
+from worker.store.base import StoreBase, as_dict, json_text, utcnow
+from worker.store.schema import UTCDateTime, action_attempts, actions, task_snapshots, tasks
+
+OPEN = ("pending", "running")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedAction:
+    id: int
+    system: str
+    task_id: str
+    kind: str
+    params_text: str | None  # raw: a row inserted by SQL may hold anything
+    attempts: int
+    max_attempts: int | None
+    baseline: int | None
+    last_outcome: str | None  # of the newest attempt: None = never tried or never finished
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """How an attempt ended and what the action becomes."""
+
+    outcome: str  # succeeded | retry | failed | unknown
+    status: str  # the action's new status: succeeded | pending | failed
+    error: str | None = None
+    http_status: int | None = None
+    result: JSON = None
+    next_attempt_at: datetime | None = None
+
+
+class ActionStore(StoreBase):
+    async def enqueue(
+        self,
+        system: str,
+        task_id: str,
+        kind: str,
+        params: Mapping[str, Any],
+        key: str | None = None,
+        max_attempts: int | None = None,
+        now: datetime | None = None,
+    ) -> tuple[int, bool]:
+        """Queue an action and track its task. Returns (id, created); with an idempotency key
+        already used, the existing action's id and False."""
+        now = now or utcnow()
+        row = {
+            "system": system,
+            "task_id": task_id,
+            "kind": kind,
+            "params": dict(params),
+            "idempotency_key": key,
+            "max_attempts": max_attempts,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                self.insert(tasks).on_conflict_do_nothing(),
+                {"system": system, "task_id": task_id, "first_seen_at": now, "next_poll_at": now},
+            )
+            insert = self.insert(actions).values(row)
+            if key is not None:
+                insert = insert.on_conflict_do_nothing(index_elements=["idempotency_key"])
+            new_id = await conn.scalar(insert.returning(actions.c.id))
+            if new_id is not None:
+                return int(new_id), True
+            existing = await conn.scalar(
+                sa.select(actions.c.id).where(actions.c.idempotency_key == key)
+            )
+            assert existing is not None  # the conflict was on this key
+            return int(existing), False
+
+    async def get_action(self, action_id: int) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(_action_columns().where(actions.c.id == action_id))).first()
+        return as_dict(row) if row else None
+
+    async def list_actions(
+        self, status: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        query = _action_columns().order_by(actions.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(actions.c.status == status)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [as_dict(r) for r in reversed(rows)]
+
+    async def cancel(self, action_id: int, now: datetime | None = None) -> tuple[str | None, bool]:
+        """Cancel a pending action. Returns (status afterwards or None if no such action,
+        whether this call canceled it)."""
+        now = now or utcnow()
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                actions.update()
+                .where(actions.c.id == action_id, actions.c.status == "pending")
+                .values(
+                    status="canceled",
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+            status = await conn.scalar(sa.select(actions.c.status).where(actions.c.id == action_id))
+        return (None if status is None else str(status)), result.rowcount > 0
+
+    async def retry(self, action_id: int, now: datetime | None = None) -> tuple[str | None, bool]:
+        """Put a failed action back in the queue with a fresh attempt budget.
+
+        The baseline is kept: if the last attempt's outcome was unknown, the runner still
+        reads the task back before sending anything again. Returns (status, changed)."""
+        now = now or utcnow()
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                actions.update()
+                .where(actions.c.id == action_id, actions.c.status == "failed")
+                .values(
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    finished_at=None,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+            status = await conn.scalar(sa.select(actions.c.status).where(actions.c.id == action_id))
+        return (None if status is None else str(status)), result.rowcount > 0
+
+    async def claim_actions(
+        self, worker: str, *, limit: int, lease: float, now: datetime | None = None
+    ) -> list[ClaimedAction]:
+        """Lease due actions: at most one per task, the oldest open one, so actions on a task
+        are applied in the order they were queued. A `running` action whose lease expired
+        (its worker died) is taken over."""
+        now = now or utcnow()
+        earlier = actions.alias("earlier")
+        candidates = (
+            sa.select(actions.c.id)
+            .where(
+                sa.or_(
+                    sa.and_(actions.c.status == "pending", actions.c.next_attempt_at <= now),
+                    sa.and_(
+                        actions.c.status == "running",
+                        sa.or_(actions.c.lease_until.is_(None), actions.c.lease_until < now),
+                    ),
+                ),
+                ~sa.exists().where(
+                    earlier.c.system == actions.c.system,
+                    earlier.c.task_id == actions.c.task_id,
+                    earlier.c.id < actions.c.id,
+                    earlier.c.status.in_(OPEN),
+                ),
+            )
+            .order_by(actions.c.id)
+            .limit(limit)
+        )
+        statement = (
+            actions.update()
+            .where(actions.c.id.in_(self.skip_locked(candidates).scalar_subquery()))
+            .values(
+                status="running",
+                lease_owner=worker,
+                lease_until=now + timedelta(seconds=lease),
+                updated_at=now,
+            )
+            .returning(
+                actions.c.id,
+                actions.c.system,
+                actions.c.task_id,
+                actions.c.kind,
+                sa.cast(actions.c.params, sa.Text),
+                actions.c.attempts,
+                actions.c.max_attempts,
+                actions.c.baseline,
+            )
+        )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(statement)).all()
+            if not rows:
+                return []
+            ids = [r[0] for r in rows]
+            newest = (
+                sa.select(
+                    action_attempts.c.action_id, sa.func.max(action_attempts.c.id).label("last")
+                )
+                .where(action_attempts.c.action_id.in_(ids))
+                .group_by(action_attempts.c.action_id)
+                .subquery()
+            )
+            outcomes = dict(
+                (
+                    await conn.execute(
+                        sa.select(newest.c.action_id, action_attempts.c.outcome).join(
+                            action_attempts, action_attempts.c.id == newest.c.last
+                        )
+                    )
+                ).all()
+            )
+            had_attempt = set(outcomes)
+        claimed = [
+            ClaimedAction(
+                id=r[0],
+                system=r[1],
+                task_id=r[2],
+                kind=r[3],
+                params_text=json_text(r[4]),
+                attempts=r[5],
+                max_attempts=r[6],
+                baseline=r[7],
+                last_outcome=outcomes.get(r[0]) if r[0] in had_attempt else "none",
+            )
+            for r in rows
+        ]
+        return sorted(claimed, key=lambda a: a.id)
+
+    async def close_dangling_attempts(
+        self, action_id: int, reason: str, now: datetime | None = None
+    ) -> int:
+        """Attempts that never recorded an outcome (their worker died mid-call) become unknown."""
+        now = now or utcnow()
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                action_attempts.update()
+                .where(
+                    action_attempts.c.action_id == action_id, action_attempts.c.outcome.is_(None)
+                )
+                .values(outcome="unknown", finished_at=now, error=reason)
+            )
+        return int(result.rowcount)
+
+    async def start_attempt(
+        self, action_id: int, worker: str, baseline: int | None, now: datetime | None = None
+    ) -> int | None:
+        """Record an attempt *before* the request is sent (so a crash leaves a trace that makes
+        the next claimer verify first). Returns its id, or None when the lease was lost."""
+        now = now or utcnow()
+        async with self.engine.begin() as conn:
+            owned = await conn.execute(
+                actions.update()
+                .where(
+                    actions.c.id == action_id,
+                    actions.c.lease_owner == worker,
+                    actions.c.status == "running",
+                )
+                .values(
+                    attempts=actions.c.attempts + 1,
+                    baseline=sa.func.coalesce(actions.c.baseline, baseline),
+                    updated_at=now,
+                )
+            )
+            if owned.rowcount == 0:
+                return None
+            attempt_id = await conn.scalar(
+                action_attempts.insert()
+                .values(action_id=action_id, started_at=now, worker=worker)
+                .returning(action_attempts.c.id)
+            )
+        return int(attempt_id)
+
+    async def set_baseline(self, action_id: int, baseline: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                actions.update()
+                .where(actions.c.id == action_id, actions.c.baseline.is_(None))
+                .values(baseline=baseline)
+            )
+
+    async def finish(
+        self,
+        action_id: int,
+        worker: str,
+        finish: Finish,
+        attempt_id: int | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record an attempt's outcome and the action's new status; releases the lease.
+        Returns False when the lease had been lost (another worker owns the action now)."""
+        now = now or utcnow()
+        terminal = finish.status in ("succeeded", "failed")
+        values: dict[str, Any] = {
+            "status": finish.status,
+            "last_error": finish.error,
+            "updated_at": now,
+            "lease_owner": None,
+            "lease_until": None,
+            "finished_at": now if terminal else None,
+        }
+        if finish.result is not None:
+            values["result"] = finish.result
+        if finish.next_attempt_at is not None:
+            values["next_attempt_at"] = finish.next_attempt_at
+        async with self.engine.begin() as conn:
+            if attempt_id is not None:
+                await conn.execute(
+                    action_attempts.update()
+                    .where(action_attempts.c.id == attempt_id)
+                    .values(
+                        outcome=finish.outcome,
+                        finished_at=now,
+                        http_status=finish.http_status,
+                        error=finish.error,
+                    )
+                )
+            result = await conn.execute(
+                actions.update()
+                .where(actions.c.id == action_id, actions.c.lease_owner == worker)
+                .values(values)
+            )
+        return result.rowcount > 0
+
+    async def renew_action_leases(self, worker: str, ids: Sequence[int], lease: float) -> None:
+        if not ids:
+            return
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                actions.update()
+                .where(actions.c.id.in_(list(ids)), actions.c.lease_owner == worker)
+                .values(lease_until=now + timedelta(seconds=lease))
+            )
+
+    async def release_actions(self, worker: str, ids: Sequence[int]) -> None:
+        """Give claimed actions back (shutdown). One with an attempt in flight stays `running`
+        with an expired lease, so whoever takes it over verifies before sending again."""
+        if not ids:
+            return
+        now = utcnow()
+        in_flight = sa.exists().where(
+            action_attempts.c.action_id == actions.c.id, action_attempts.c.outcome.is_(None)
+        )
+        mine = sa.and_(actions.c.id.in_(list(ids)), actions.c.lease_owner == worker)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                actions.update()
+                .where(mine, ~in_flight)
+                .values(status="pending", lease_owner=None, lease_until=None, updated_at=now)
+            )
+            await conn.execute(actions.update().where(mine, in_flight).values(lease_until=now))
+
+    async def next_action_due(self) -> datetime | None:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                sa.select(sa.func.min(actions.c.next_attempt_at)).where(
+                    actions.c.status == "pending"
+                )
+            )
+        if value is None:
+            return None
+        return UTCDateTime().process_result_value(value, self.engine.dialect)
+
+    async def effect_baseline_inputs(
+        self, system: str, task_id: str, kind: str
+    ) -> tuple[datetime | None, JSON, list[tuple[Any, datetime | None]]]:
+        """The newest snapshot (time, payload) of a task and the params and finish times of the
+        same kind of action that succeeded on it since: together they give the effect count
+        before an action's first attempt without asking the upstream."""
+        async with self.engine.connect() as conn:
+            snap = (
+                await conn.execute(
+                    sa.select(task_snapshots.c.fetched_at, task_snapshots.c.payload)
+                    .where(task_snapshots.c.system == system, task_snapshots.c.task_id == task_id)
+                    .order_by(task_snapshots.c.seq.desc())
+                    .limit(1)
+                )
+            ).first()
+            fetched_at = snap[0] if snap else None
+            query = sa.select(actions.c.params, actions.c.finished_at).where(
+                actions.c.system == system,
+                actions.c.task_id == task_id,
+                actions.c.kind == kind,
+                actions.c.status == "succeeded",
+            )
+            if fetched_at is not None:
+                query = query.where(actions.c.finished_at >= fetched_at)
+            done = [(r[0], r[1]) for r in (await conn.execute(query)).all()]
+        return fetched_at, (snap[1] if snap else None), done
+
+
+def _action_columns() -> sa.Select[Any]:
+    return sa.select(
+        actions.c.id,
+        actions.c.system,
+        actions.c.task_id,
+        actions.c.kind,
+        sa.cast(actions.c.params, sa.Text).label("params"),
+        actions.c.status,
+        actions.c.attempts,
+        actions.c.max_attempts,
+        actions.c.next_attempt_at,
+        actions.c.idempotency_key,
+        actions.c.last_error,
+        sa.cast(actions.c.result, sa.Text).label("result"),
+        actions.c.created_at,
+        actions.c.updated_at,
+        actions.c.finished_at,
+    )

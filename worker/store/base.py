@@ -1,0 +1,55 @@
+"""What every part of the store shares: the engine, the dialect, time and row helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StoreBase:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    def insert(self, table: sa.Table) -> Any:
+        """A dialect INSERT that supports on_conflict_do_nothing()."""
+        return postgresql.insert(table) if self.is_postgres else sqlite.insert(table)
+
+    def skip_locked(self, select: sa.Select[Any]) -> sa.Select[Any]:
+        """Row claims: PostgreSQL lets concurrent workers skip each other's rows. SQLite has a
+        single writer (the worker lock) and serialises transactions, so it needs nothing."""
+        return select.with_for_update(skip_locked=True) if self.is_postgres else select
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+
+def as_dict(row: Any) -> dict[str, Any]:
+    return dict(row._mapping)
+
+
+def json_text(value: Any) -> str | None:
+    """Columns declared JSON come back decoded; read through CAST(... AS TEXT) they do not,
+    which is how user-inserted rows with broken JSON are read without crashing."""
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def pick(mapping: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: mapping[k] for k in keys}

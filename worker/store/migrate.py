@@ -1,0 +1,57 @@
+"""`tasksync migrate`: Alembic `upgrade head` with the revisions shipped in the package."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("worker.migrations")))
+    config.attributes["url"] = url
+    return config
+
+
+def head_revision(url: str) -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+    assert head is not None
+    return head
+
+
+def upgrade(url: str) -> str:
+    """Bring the schema to the newest revision (safe to repeat). Returns the revision.
+
+    Runs its own event loop (Alembic's env.py), so call it outside any running loop.
+    """
+    from alembic import command
+
+    command.upgrade(_alembic_config(url), "head")
+    return head_revision(url)
+
+
+def current_revision(url: str) -> str | None:
+    """The database's revision, or None when it has never been migrated."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from worker.store.engine import create_engine
+
+    async def look() -> str | None:
+        engine = create_engine(url, pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                exists = await conn.run_sync(lambda c: sa.inspect(c).has_table("alembic_version"))
+                if not exists:
+                    return None
+                value = await conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+                return None if value is None else str(value)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(look())

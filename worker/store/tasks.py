@@ -1,0 +1,309 @@
+"""Tracked tasks: tracking, claiming due work, and writing poll results in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from worker.model import JSON, Event
+from worker.store.base import StoreBase, utcnow
+from worker.store.schema import task_events, task_snapshots, tasks
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    id: int
+    system: str
+    task_id: str
+    content_hash: str | None
+    snapshot_seq: int
+    consecutive_failures: int
+
+
+@dataclass(slots=True)
+class PollResult:
+    """What one poll of one claimed task produced, ready to be written."""
+
+    task: ClaimedTask
+    polled_at: datetime
+    next_poll_at: datetime
+    # set when the content changed:
+    payload: JSON = None
+    content_hash: str | None = None
+    status: str | None = None
+    state: str | None = None
+    title: str | None = None
+    changed_at: datetime | None = None
+    events: list[Event] = field(default_factory=list)
+    # set when the poll failed:
+    error: str | None = None
+    not_found: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return self.error is None and self.content_hash is not None
+
+
+class TaskStore(StoreBase):
+    async def track(self, system: str, task_ids: Iterable[str], now: datetime | None = None) -> int:
+        """Track tasks (idempotent). Returns how many were not tracked before."""
+        now = now or utcnow()
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return 0
+        async with self.engine.begin() as conn:
+            before = await conn.scalar(
+                sa.select(sa.func.count())
+                .select_from(tasks)
+                .where(tasks.c.system == system, tasks.c.task_id.in_(ids), tasks.c.tracked)
+            )
+            await conn.execute(
+                self.insert(tasks).on_conflict_do_nothing(),
+                [
+                    {"system": system, "task_id": t, "first_seen_at": now, "next_poll_at": now}
+                    for t in ids
+                ],
+            )
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.system == system, tasks.c.task_id.in_(ids), sa.not_(tasks.c.tracked))
+                .values(tracked=True, next_poll_at=now, not_found=False)
+            )
+        return len(ids) - int(before or 0)
+
+    async def track_many(
+        self, pairs: Sequence[tuple[str, str]], now: datetime | None = None
+    ) -> int:
+        """Track discovered (system, task_id) pairs; returns how many rows were new."""
+        now = now or utcnow()
+        if not pairs:
+            return 0
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                self.insert(tasks).on_conflict_do_nothing().returning(tasks.c.id),
+                [
+                    {"system": s, "task_id": t, "first_seen_at": now, "next_poll_at": now}
+                    for s, t in pairs
+                ],
+            )
+            return len(result.all())
+
+    async def untrack(self, system: str, task_ids: Iterable[str]) -> int:
+        ids = list(dict.fromkeys(task_ids))
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                tasks.update()
+                .where(tasks.c.system == system, tasks.c.task_id.in_(ids), tasks.c.tracked)
+                .values(tracked=False, lease_owner=None, lease_until=None)
+            )
+        return int(result.rowcount)
+
+    async def claim_tasks(
+        self,
+        worker: str,
+        *,
+        after_id: int,
+        limit: int,
+        lease: float,
+        due_before: datetime | None,
+        systems: Sequence[str],
+        now: datetime | None = None,
+    ) -> list[ClaimedTask]:
+        """Lease up to `limit` tracked tasks with id > after_id, in id order.
+
+        `due_before=None` claims every tracked task (sync --all). Tasks leased by a live worker
+        are skipped; an expired lease (a worker that died) is taken over.
+        """
+        now = now or utcnow()
+        candidates = (
+            sa.select(tasks.c.id)
+            .where(
+                tasks.c.tracked,
+                tasks.c.id > after_id,
+                tasks.c.system.in_(systems),
+                sa.or_(tasks.c.lease_until.is_(None), tasks.c.lease_until < now),
+            )
+            .order_by(tasks.c.id)
+            .limit(limit)
+        )
+        if due_before is not None:
+            candidates = candidates.where(tasks.c.next_poll_at <= due_before)
+        statement = (
+            tasks.update()
+            .where(tasks.c.id.in_(self.skip_locked(candidates).scalar_subquery()))
+            .values(lease_owner=worker, lease_until=now + timedelta(seconds=lease))
+            .returning(
+                tasks.c.id,
+                tasks.c.system,
+                tasks.c.task_id,
+                tasks.c.content_hash,
+                tasks.c.snapshot_seq,
+                tasks.c.consecutive_failures,
+            )
+        )
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(statement)).all()
+        return sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.id)
+
+    async def latest_payloads(self, claimed: Sequence[ClaimedTask]) -> dict[int, JSON]:
+        """The stored payload of each task's newest snapshot, keyed by tasks.id."""
+        wanted = [t for t in claimed if t.snapshot_seq > 0]
+        if not wanted:
+            return {}
+        keys = {(t.system, t.task_id, t.snapshot_seq): t.id for t in wanted}
+        statement = sa.select(
+            task_snapshots.c.system,
+            task_snapshots.c.task_id,
+            task_snapshots.c.seq,
+            task_snapshots.c.payload,
+        ).where(
+            sa.tuple_(task_snapshots.c.system, task_snapshots.c.task_id, task_snapshots.c.seq).in_(
+                list(keys)
+            )
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(statement)).all()
+        return {keys[(s, t, q)]: payload for s, t, q, payload in rows}
+
+    async def write_results(self, worker: str, results: Sequence[PollResult]) -> None:
+        """Write one batch of poll results in one transaction: snapshots and events (which
+        do nothing on conflict, so a repeated or raced cycle adds nothing) and task rows."""
+        snapshots: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        changed: list[dict[str, Any]] = []
+        unchanged: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        for r in results:
+            t = r.task
+            if r.error is not None:
+                failed.append(
+                    {
+                        "b_id": t.id,
+                        "b_error": r.error,
+                        "b_failures": t.consecutive_failures + 1,
+                        "b_next": r.next_poll_at,
+                        "b_polled": r.polled_at,
+                        "b_not_found": r.not_found,
+                    }
+                )
+            elif r.changed:
+                seq = t.snapshot_seq + 1
+                snapshots.append(
+                    {
+                        "system": t.system,
+                        "task_id": t.task_id,
+                        "seq": seq,
+                        "fetched_at": r.polled_at,
+                        "content_hash": r.content_hash,
+                        "status": r.status,
+                        "state": r.state,
+                        "payload": r.payload,
+                    }
+                )
+                events.extend(
+                    {
+                        "system": t.system,
+                        "task_id": t.task_id,
+                        "kind": str(e.kind),
+                        "dedup_key": e.dedup_key,
+                        "snapshot_seq": seq,
+                        "occurred_at": e.occurred_at,
+                        "observed_at": r.polled_at,
+                        "data": dict(e.data),
+                    }
+                    for e in r.events
+                )
+                changed.append(
+                    {
+                        "b_id": t.id,
+                        "b_status": r.status,
+                        "b_state": r.state,
+                        "b_title": r.title,
+                        "b_hash": r.content_hash,
+                        "b_seq": seq,
+                        "b_polled": r.polled_at,
+                        "b_changed": r.changed_at or r.polled_at,
+                        "b_next": r.next_poll_at,
+                    }
+                )
+            else:
+                unchanged.append({"b_id": t.id, "b_polled": r.polled_at, "b_next": r.next_poll_at})
+        b = sa.bindparam
+        mine = sa.and_(tasks.c.id == b("b_id"), tasks.c.lease_owner == worker)
+        release = {"lease_owner": None, "lease_until": None}
+        async with self.engine.begin() as conn:
+            if snapshots:
+                await conn.execute(self.insert(task_snapshots).on_conflict_do_nothing(), snapshots)
+            if events:
+                await conn.execute(self.insert(task_events).on_conflict_do_nothing(), events)
+            if changed:
+                await conn.execute(
+                    tasks.update()
+                    .where(mine)
+                    .values(
+                        status=b("b_status"),
+                        state=b("b_state"),
+                        title=b("b_title"),
+                        content_hash=b("b_hash"),
+                        snapshot_seq=b("b_seq"),
+                        last_polled_at=b("b_polled"),
+                        last_changed_at=b("b_changed"),
+                        next_poll_at=b("b_next"),
+                        last_error=None,
+                        consecutive_failures=0,
+                        not_found=False,
+                        **release,
+                    ),
+                    changed,
+                )
+            if unchanged:
+                await conn.execute(
+                    tasks.update()
+                    .where(mine)
+                    .values(
+                        last_polled_at=b("b_polled"),
+                        next_poll_at=b("b_next"),
+                        last_error=None,
+                        consecutive_failures=0,
+                        not_found=False,
+                        **release,
+                    ),
+                    unchanged,
+                )
+            if failed:
+                await conn.execute(
+                    tasks.update()
+                    .where(mine)
+                    .values(
+                        last_polled_at=b("b_polled"),
+                        next_poll_at=b("b_next"),
+                        last_error=b("b_error"),
+                        consecutive_failures=b("b_failures"),
+                        not_found=b("b_not_found"),
+                        **release,
+                    ),
+                    failed,
+                )
+
+    async def release_tasks(self, worker: str, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.id.in_(list(ids)), tasks.c.lease_owner == worker)
+                .values(lease_owner=None, lease_until=None)
+            )
+
+    async def make_due(self, system: str, task_id: str, now: datetime | None = None) -> None:
+        """Poll this task at the next cycle (after an action changed it)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.system == system, tasks.c.task_id == task_id)
+                .values(next_poll_at=now or utcnow())
+            )
