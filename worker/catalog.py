@@ -7,7 +7,7 @@ claims with the same function and fails the row with the message this module pro
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, TypeGuard
 
 from worker.model import SYSTEMS, ActionSpec, System
 
@@ -68,10 +68,14 @@ def option_name(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
+def is_system(name: str) -> TypeGuard[System]:
+    return name in SYSTEMS
+
+
 def check_system(system: str) -> System:
-    if system not in SYSTEMS:
+    if not is_system(system):
         raise InvalidInput(f"unknown system {system!r}: expected one of {', '.join(SYSTEMS)}")
-    return cast(System, system)
+    return system
 
 
 def check_task_id(task_id: object) -> str:

@@ -42,10 +42,9 @@ def cell(value: Any, width: int = 60) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if not isinstance(value, str):
-        value = orjson.dumps(value).decode()
-    value = " ".join(value.split())
-    return value if len(value) <= width else value[: width - 1] + "…"
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], width: int = 60) -> str:

@@ -286,6 +286,7 @@ class ActionStore(StoreBase):
         finish: Finish,
         attempt_id: int | None = None,
         now: datetime | None = None,
+        repoll: tuple[str, str] | None = None,
     ) -> bool:
         """Record an attempt's outcome and the action's new status; releases the lease.
         Returns False when the lease had been lost (another worker owns the action now)."""
@@ -320,6 +321,13 @@ class ActionStore(StoreBase):
                 .where(actions.c.id == action_id, actions.c.lease_owner == worker)
                 .values(values)
             )
+            if repoll is not None and result.rowcount > 0:
+                # the task changed upstream: poll it at the next cycle
+                await conn.execute(
+                    tasks.update()
+                    .where(tasks.c.system == repoll[0], tasks.c.task_id == repoll[1])
+                    .values(next_poll_at=now)
+                )
         return result.rowcount > 0
 
     async def renew_action_leases(self, worker: str, ids: Sequence[int], lease: float) -> None:

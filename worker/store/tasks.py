@@ -149,6 +149,19 @@ class TaskStore(StoreBase):
             rows = (await conn.execute(statement)).all()
         return sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.id)
 
+    async def count_due(
+        self, systems: Sequence[str], *, all_tasks: bool, now: datetime | None = None
+    ) -> int:
+        query = (
+            sa.select(sa.func.count())
+            .select_from(tasks)
+            .where(tasks.c.tracked, tasks.c.system.in_(systems))
+        )
+        if not all_tasks:
+            query = query.where(tasks.c.next_poll_at <= (now or utcnow()))
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(query) or 0)
+
     async def latest_payloads(self, claimed: Sequence[ClaimedTask]) -> dict[int, JSON]:
         """The stored payload of each task's newest snapshot, keyed by tasks.id."""
         wanted = [t for t in claimed if t.snapshot_seq > 0]
@@ -288,6 +301,16 @@ class TaskStore(StoreBase):
                     ),
                     failed,
                 )
+
+    async def renew_task_leases(self, worker: str, ids: Sequence[int], lease: float) -> None:
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.id.in_(list(ids)), tasks.c.lease_owner == worker)
+                .values(lease_until=utcnow() + timedelta(seconds=lease))
+            )
 
     async def release_tasks(self, worker: str, ids: Sequence[int]) -> None:
         if not ids:

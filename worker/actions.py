@@ -1,0 +1,367 @@
+"""One pass over due actions: claim, validate, verify, apply, classify, record.
+
+Exactly-once rests on three rules:
+1. An attempt row is committed *before* the request goes out, so a crash at any point leaves
+   evidence: an attempt without an outcome.
+2. Before the first attempt the action's *baseline* is recorded: how often its effect is already
+   visible on the task (a comment with the same text, a trace entry with the same title and
+   description); for state-like kinds (terminate, delete-*) the effect is a state, baseline 0.
+3. After an unknown outcome (the answer was lost, or the worker died mid-call) nothing is sent
+   again until the task has been read back: the effect count above the baseline, or the state
+   holding, means the action took effect.
+Writes go over connections that are never reused (upstreams/http.py), so the HTTP layer never
+re-sends on its own either.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import orjson
+
+from worker.backoff import action_delay
+from worker.catalog import InvalidInput, validate_action
+from worker.config import Settings
+from worker.logs import log_context
+from worker.model import JSON, System
+from worker.store import ClaimedAction, Finish, Store, utcnow
+from worker.upstreams.base import ErrorKind, Upstream, UpstreamError, effect_count
+
+log = logging.getLogger("worker.actions")
+
+ADDITIVE = frozenset({"process", "comment"})  # effect = one more matching item
+
+
+@dataclass
+class ApplyStats:
+    claimed: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    failed: int = 0
+    unknown: int = 0
+    verified: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.claimed} claimed: {self.succeeded} succeeded, {self.failed} failed, "
+            f"{self.retried} to retry, {self.unknown} unknown outcome(s) "
+            f"({self.verified} resolved by read-back)"
+        )
+
+
+@dataclass
+class ActionRunner:
+    store: Store
+    upstreams: Mapping[System, Upstream]
+    settings: Settings
+    worker: str
+    rng: random.Random = field(default_factory=random.Random)
+    in_flight: set[int] = field(default_factory=set)
+
+    async def run_until_idle(self, stop: anyio.Event | None = None) -> ApplyStats:
+        """Apply due actions until none is due (or `stop` is set). Actions on different tasks run
+        concurrently; the claim hands out at most one open action per task at a time."""
+        stats = ApplyStats()
+        slots = self.settings.worker.concurrency
+        done = anyio.Event()
+        finished: list[anyio.Event] = [done]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_leases)
+            while not (stop and stop.is_set()):
+                free = slots - len(self.in_flight)
+                claimed = []
+                if free > 0:
+                    claimed = await self.store.claim_actions(
+                        self.worker, limit=free, lease=self.settings.worker.lease
+                    )
+                for action in claimed:
+                    self.in_flight.add(action.id)
+                    stats.claimed += 1
+                    tg.start_soon(self._guarded, action, stats, finished)
+                if not claimed and not self.in_flight:
+                    break
+                if not claimed or free - len(claimed) <= 0:
+                    # wait until an action finishes: it may unblock the next one on its task
+                    event = anyio.Event()
+                    finished[0] = event
+                    with anyio.move_on_after(1.0):
+                        await event.wait()
+            tg.cancel_scope.cancel()
+        return stats
+
+    async def _guarded(
+        self, action: ClaimedAction, stats: ApplyStats, finished: list[anyio.Event]
+    ) -> None:
+        try:
+            with log_context(system=action.system, task=action.task_id, action=str(action.id)):
+                await self.process(action, stats)
+        except Exception:
+            # A database failure mid-action: the lease expires and the next claimer, seeing an
+            # attempt without outcome, verifies before sending. Nothing is lost.
+            log.exception(
+                "action %s interrupted; it will be taken over when its lease expires", action.id
+            )
+        finally:
+            self.in_flight.discard(action.id)
+            finished[0].set()
+
+    async def _renew_leases(self) -> None:
+        interval = max(self.settings.worker.lease / 3, 0.5)
+        while True:
+            await anyio.sleep(interval)
+            if self.in_flight:
+                await self.store.renew_action_leases(
+                    self.worker, sorted(self.in_flight), self.settings.worker.lease
+                )
+
+    # --- one action -----------------------------------------------------------------------
+
+    async def process(self, action: ClaimedAction, stats: ApplyStats) -> None:
+        try:
+            params = _decode_params(action.params_text)
+            spec, params = validate_action(action.system, action.kind, params)
+        except InvalidInput as exc:
+            await self._fail(action, f"invalid action: {exc}", stats)
+            return
+        upstream = self.upstreams.get(spec.system)
+        if upstream is None:
+            await self._fail(
+                action,
+                f"{spec.system} is not configured (no [systems.{spec.system}] section)",
+                stats,
+            )
+            return
+        max_attempts = action.max_attempts or self.settings.retry.max_attempts
+
+        last = action.last_outcome
+        if last is None:  # an attempt started and never recorded its outcome: the worker died
+            await self.store.close_dangling_attempts(
+                action.id, "the worker stopped before recording the outcome"
+            )
+            last = "unknown"
+        if last == "unknown":
+            verdict = await self._verify(action, upstream, params, stats)
+            if verdict is not False:  # applied (done) or could not tell (rescheduled)
+                return
+
+        if action.attempts >= max_attempts:
+            await self._fail(action, f"gave up after {action.attempts} attempts", stats)
+            return
+        baseline = action.baseline
+        if baseline is None:
+            try:
+                baseline = await self._baseline(action, upstream, params)
+            except UpstreamError as exc:
+                await self._reschedule(
+                    action, None, exc, stats, max_attempts, attempts=action.attempts
+                )
+                return
+        attempt_id = await self.store.start_attempt(action.id, self.worker, baseline)
+        if attempt_id is None:
+            log.warning(
+                "lost the lease on action %s before sending; another worker has it", action.id
+            )
+            return
+        attempts = action.attempts + 1
+        try:
+            answer = await upstream.apply(action.task_id, action.kind, params)
+        except UpstreamError as exc:
+            await self._reschedule(action, attempt_id, exc, stats, max_attempts, attempts=attempts)
+            return
+        await self.store.finish(
+            action.id,
+            self.worker,
+            Finish("succeeded", "succeeded", result=_jsonable(answer), http_status=200),
+            attempt_id,
+            repoll=(action.system, action.task_id),
+        )
+        stats.succeeded += 1
+        log.info(
+            "action %s %s on %s task %s succeeded",
+            action.id,
+            action.kind,
+            action.system,
+            action.task_id,
+        )
+
+    async def _verify(
+        self,
+        action: ClaimedAction,
+        upstream: Upstream,
+        params: Mapping[str, str],
+        stats: ApplyStats,
+    ) -> bool | None:
+        """Read the task back after an unknown outcome. True: it took effect (recorded);
+        False: it did not (send again); None: the read failed (rescheduled)."""
+        try:
+            fetched = await upstream.fetch(action.task_id)
+        except UpstreamError as exc:
+            max_attempts = action.max_attempts or self.settings.retry.max_attempts
+            if action.attempts >= max_attempts:
+                await self._fail(
+                    action,
+                    f"outcome unknown after {action.attempts} attempts and the task cannot be read back: {exc}",
+                    stats,
+                )
+            else:
+                delay = action_delay(
+                    action.attempts,
+                    self.settings.retry.base_delay,
+                    self.settings.retry.max_delay,
+                    exc.retry_after,
+                    self.rng,
+                )
+                await self.store.finish(
+                    action.id,
+                    self.worker,
+                    Finish(
+                        "unknown",
+                        "pending",
+                        error=f"outcome unknown; read-back failed: {exc}",
+                        next_attempt_at=utcnow() + timedelta(seconds=delay),
+                    ),
+                )
+            return None
+        count = effect_count(action.kind, params, fetched.observation)
+        baseline = action.baseline if action.kind in ADDITIVE else 0
+        applied = count > baseline if baseline is not None else count > 0
+        if applied:
+            stats.verified += 1
+            stats.succeeded += 1
+            await self.store.finish(
+                action.id,
+                self.worker,
+                Finish(
+                    "succeeded",
+                    "succeeded",
+                    result={
+                        "verified": "the answer was lost; reading the task back showed the effect",
+                        "status": fetched.observation.status,
+                    },
+                ),
+                repoll=(action.system, action.task_id),
+            )
+            log.info(
+                "action %s: the answer was lost but the read-back shows it took effect", action.id
+            )
+            return True
+        log.info("action %s: the read-back shows no effect; sending again", action.id)
+        return False
+
+    async def _baseline(
+        self, action: ClaimedAction, upstream: Upstream, params: Mapping[str, str]
+    ) -> int:
+        """How often the effect is visible before the first attempt (additive kinds only)."""
+        if action.kind not in ADDITIVE:
+            return 0
+        _fetched_at, payload, done = await self.store.effect_baseline_inputs(
+            action.system, action.task_id, action.kind
+        )
+        if isinstance(payload, Mapping):
+            seen = effect_count(action.kind, params, upstream.observe(payload))
+            # our own earlier actions with the same text, applied after that snapshot was taken
+            since = sum(1 for p, _ in done if _same_effect(action.kind, p, params))
+            return seen + since
+        fetched = await upstream.fetch(action.task_id)  # never synced: ask the upstream
+        return effect_count(action.kind, params, fetched.observation)
+
+    async def _reschedule(
+        self,
+        action: ClaimedAction,
+        attempt_id: int | None,
+        exc: UpstreamError,
+        stats: ApplyStats,
+        max_attempts: int,
+        *,
+        attempts: int,
+    ) -> None:
+        if exc.kind in (ErrorKind.PERMANENT, ErrorKind.NOT_FOUND):
+            stats.failed += 1
+            await self.store.finish(
+                action.id,
+                self.worker,
+                Finish("failed", "failed", error=str(exc), http_status=exc.http_status),
+                attempt_id,
+            )
+            log.warning("action %s failed: %s", action.id, exc)
+            return
+        outcome = "unknown" if exc.kind is ErrorKind.UNKNOWN else "retry"
+        if outcome == "unknown":
+            stats.unknown += 1
+        if outcome == "retry" and attempts >= max_attempts:
+            stats.failed += 1
+            await self.store.finish(
+                action.id,
+                self.worker,
+                Finish(
+                    "retry",
+                    "failed",
+                    error=f"gave up after {attempts} attempts: {exc}",
+                    http_status=exc.http_status,
+                ),
+                attempt_id,
+            )
+            log.warning("action %s failed after %s attempts: %s", action.id, attempts, exc)
+            return
+        # An unknown outcome is always followed by a read-back (even past max_attempts): the
+        # action may have taken effect, and failing it blindly would misreport it.
+        delay = action_delay(
+            attempts,
+            self.settings.retry.base_delay,
+            self.settings.retry.max_delay,
+            exc.retry_after,
+            self.rng,
+        )
+        stats.retried += 1
+        await self.store.finish(
+            action.id,
+            self.worker,
+            Finish(
+                outcome,
+                "pending",
+                error=str(exc),
+                http_status=exc.http_status,
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+            ),
+            attempt_id,
+        )
+        log.info("action %s: %s; next attempt in %.1fs", action.id, exc, delay)
+
+    async def _fail(self, action: ClaimedAction, reason: str, stats: ApplyStats) -> None:
+        stats.failed += 1
+        await self.store.finish(action.id, self.worker, Finish("failed", "failed", error=reason))
+        log.warning("action %s failed: %s", action.id, reason)
+
+
+def _decode_params(text: str | None) -> Any:
+    if text is None:
+        raise InvalidInput("params is missing (NULL)")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"params is not valid JSON ({exc})") from None
+
+
+def _same_effect(kind: str, stored: Any, params: Mapping[str, str]) -> bool:
+    if isinstance(stored, str):
+        try:
+            stored = orjson.loads(stored)
+        except orjson.JSONDecodeError:
+            return False
+    if not isinstance(stored, Mapping):
+        return False
+    if kind == "comment":
+        return stored.get("comment") == params.get("comment")
+    return stored.get("title") == params.get("title") and stored.get("description") == params.get(
+        "description"
+    )
+
+
+def _jsonable(answer: Mapping[str, JSON]) -> JSON:
+    return orjson.loads(orjson.dumps(answer, option=orjson.OPT_NON_STR_KEYS))

@@ -1,0 +1,176 @@
+"""Run-once commands (`sync`, `discover`, `apply`): open the store and the upstreams, do what
+is due, print a summary, exit. Cron, systemd timers and the tests use these."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import TypeVar
+
+import anyio
+
+from worker.config import ConfigError, LoadedConfig
+from worker.store import SqliteWorkerLock, Store, sqlite_path, worker_name
+from worker.store.engine import async_url
+from worker.upstreams import build_upstreams
+from worker.model import System
+from worker.upstreams.base import Upstream
+
+T = TypeVar("T")
+
+
+@contextmanager
+def worker_lock(url: str) -> Iterator[None]:
+    """SQLite has one writer: hold the worker lock for as long as this process works."""
+    path = sqlite_path(async_url(url))
+    if path is None:
+        yield
+        return
+    lock = SqliteWorkerLock(path)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def register_secrets(loaded: LoadedConfig) -> None:
+    """Every configured secret is masked in every log line from now on."""
+    from worker.logs import register_secret
+
+    for section in (
+        loaded.settings.systems.aicc,
+        loaded.settings.systems.secmaster,
+        loaded.settings.systems.koodrive,
+    ):
+        if section is None:
+            continue
+        for value in section.model_dump().values():
+            if hasattr(value, "get_secret_value"):
+                register_secret(value.get_secret_value())
+    from sqlalchemy.engine import make_url
+
+    password = make_url(async_url(loaded.settings.database.url)).password
+    if password:
+        register_secret(str(password))
+
+
+async def with_worker(
+    loaded: LoadedConfig, fn: Callable[[Store, dict[System, Upstream], str], Awaitable[T]]
+) -> T:
+    store = Store.open(loaded.settings.database.url, pool_size=4)
+    upstreams = build_upstreams(loaded.settings)
+    try:
+        return await fn(store, upstreams, worker_name())
+    finally:
+        with anyio.CancelScope(shield=True):
+            for client in upstreams.values():
+                await client.aclose()
+            await store.aclose()
+
+
+class ProgressBar(AbstractContextManager["ProgressBar"]):
+    """A rich progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, label: str, total: int | None, quiet: bool) -> None:
+        self.enabled = not quiet and sys.stdout.isatty()
+        self._progress = None
+        self._task = None
+        if self.enabled:
+            from rich.progress import Progress
+
+            self._progress = Progress(transient=True)
+            self._task = self._progress.add_task(label, total=total)
+
+    def __enter__(self) -> ProgressBar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def advance(self, n: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, n)
+
+
+def _check_systems(loaded: LoadedConfig, systems: Sequence[str]) -> None:
+    configured = {
+        name
+        for name in ("aicc", "secmaster", "koodrive")
+        if getattr(loaded.settings.systems, name) is not None
+    }
+    for system in systems:
+        if system not in configured:
+            raise ConfigError(
+                f"systems.{system}: not configured (add a [systems.{system}] section)"
+            )
+
+
+def run_sync(loaded: LoadedConfig, *, systems: Sequence[str], all_tasks: bool, quiet: bool) -> int:
+    from worker.cli import _ensure_schema
+    from worker.sync import SyncCycle
+
+    _check_systems(loaded, systems)
+    _ensure_schema(loaded.settings.database.url)
+    register_secrets(loaded)
+
+    async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:
+        total = (
+            await store.count_due(systems or list(upstreams), all_tasks=all_tasks)
+            if upstreams
+            else 0
+        )
+        with ProgressBar("polling", total, quiet) as bar:
+            stats = await SyncCycle(store, upstreams, loaded.settings, worker).run(
+                all_tasks=all_tasks, systems=systems, progress=bar.advance if bar.enabled else None
+            )
+        if not quiet:
+            print(f"polled {stats.polled} task(s): {stats.changed} changed, {stats.failed} failed")
+        return 0
+
+    with worker_lock(loaded.settings.database.url):
+        return anyio.run(lambda: with_worker(loaded, go), backend="asyncio")
+
+
+def run_discover(loaded: LoadedConfig, *, systems: Sequence[str], quiet: bool) -> int:
+    from worker.cli import _ensure_schema
+    from worker.sync import discover
+
+    _check_systems(loaded, systems)
+    _ensure_schema(loaded.settings.database.url)
+    register_secrets(loaded)
+
+    async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:
+        listable: dict[System, Upstream] = {s: u for s, u in upstreams.items() if s != "koodrive"}
+        with ProgressBar("discovering", None, quiet) as bar:
+            stats = await discover(
+                store, listable, worker, systems, progress=bar.advance if bar.enabled else None
+            )
+        if not quiet:
+            print(f"listed {stats.seen} task(s): {stats.new} new")
+        for failure in stats.failed:
+            print(f"tasksync: discovery failed: {failure}", file=sys.stderr)
+        return 1 if stats.failed else 0
+
+    with worker_lock(loaded.settings.database.url):
+        return anyio.run(lambda: with_worker(loaded, go), backend="asyncio")
+
+
+def run_apply(loaded: LoadedConfig) -> int:
+    from worker.actions import ActionRunner
+    from worker.cli import _ensure_schema
+
+    _ensure_schema(loaded.settings.database.url)
+    register_secrets(loaded)
+
+    async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:
+        stats = await ActionRunner(store, upstreams, loaded.settings, worker).run_until_idle()
+        print(f"actions: {stats}")
+        return 0
+
+    with worker_lock(loaded.settings.database.url):
+        return anyio.run(lambda: with_worker(loaded, go), backend="asyncio")
