@@ -263,20 +263,16 @@ def serve(
     """Run the sandbox in the foreground until SIGTERM or SIGINT; the exit status.
 
     Once listening: the configuration goes to `write_config` (or stdout), then one line
-    `sandbox listening on http://127.0.0.1:PORT` to stderr. 2: bad arguments; 1: cannot listen.
+    `sandbox listening on http://127.0.0.1:PORT` to stderr. Raises ValueError for a bad
+    argument (a fault spec, a task count) before listening; returns 1 when it cannot listen.
     """
-    try:
-        spec = _spec(faults)
-        sandbox = Sandbox(
-            seed=seed,
-            tasks_per_system=seed_tasks,
-            faults=spec,
-            port=port,
-            mutate_every=mutate_every,
-        )
-    except ValueError as exc:
-        print(f"tasksync sandbox: {exc}", file=sys.stderr)
-        return 2
+    sandbox = Sandbox(
+        seed=seed,
+        tasks_per_system=seed_tasks,
+        faults=_spec(faults),
+        port=port,
+        mutate_every=mutate_every,
+    )
     try:
         anyio.run(_serve, sandbox, write_config)
     except OSError as exc:
