@@ -25,7 +25,7 @@ from worker.upstreams.http import (
     Redactor,
     TokenCache,
     as_text,
-    auth_like,
+    code_and_message,
     one_line,
     reword,
     type_name,
@@ -164,7 +164,7 @@ class AiccClient:
                 "discovery needs systems.aicc.creator_id (the task list requires creatorId)",
                 task_id=None,
             )
-        start = 0
+        start, seen = 0, set[str]()
         while True:
             where = f"task list at start {start}: "
             try:
@@ -193,12 +193,12 @@ class AiccClient:
                     )
             except UpstreamError as exc:
                 raise reword(exc, task_id=None, prefix=where) from None
-            for item in items:
-                task_id = item.get("taskId") if isinstance(item, dict) else None
-                if isinstance(task_id, str) and task_id:
-                    yield task_id
+            fresh = [task_id for task_id in _ids(items) if task_id not in seen]
+            for task_id in fresh:
+                seen.add(task_id)
+                yield task_id
             start += PAGE_SIZE
-            if not items or start >= total:
+            if not fresh or start >= total:  # no new id: a server ignoring start ends here
                 return
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -247,11 +247,11 @@ class AiccClient:
         message = data.get("resMsg") if isinstance(data, dict) else None
         code_text = as_text(code)
         if not answer.ok:
-            detail = f"resCode {code_text}: {one_line(message)}" if code_text else ""
+            detail = code_and_message(code_text and f"resCode {code_text}", message)
             error = self._http.status_error(
                 answer, task_id=task_id, write=write, detail=detail, code=code_text
             )
-            if error.kind is ErrorKind.PERMANENT and auth_like(code_text, message):
+            if error.kind is ErrorKind.PERMANENT and self._http.auth_like(code_text, message):
                 raise reword(error, task_id=task_id, kind=ErrorKind.AUTH)
             raise error
         if not isinstance(data, dict):
@@ -266,8 +266,8 @@ class AiccClient:
             )
         if code != "0":
             raise self._http.error(
-                ErrorKind.AUTH if auth_like(code, message) else ErrorKind.PERMANENT,
-                f"resCode {code}: {one_line(message)}",
+                ErrorKind.AUTH if self._http.auth_like(code, message) else ErrorKind.PERMANENT,
+                code_and_message(f"resCode {code}", message),
                 task_id=task_id,
                 http_status=answer.status,
                 code=code,
@@ -318,6 +318,12 @@ class AiccClient:
             )
         self._http.redact.add(token)
         return token, token_lifetime(data.get("expires_in"))
+
+
+def _ids(items: list[JSON]) -> list[str]:
+    """The taskIds of a page of list items; items without one are skipped."""
+    ids = (item.get("taskId") if isinstance(item, dict) else None for item in items)
+    return [task_id for task_id in ids if isinstance(task_id, str) and task_id]
 
 
 def _count(value: object) -> int | None:

@@ -113,6 +113,14 @@ def one_line(text: object, limit: int = MAX_DETAIL) -> str:
 _AUTH_WORDS = re.compile(r"token|auth|expired", re.IGNORECASE)
 
 
+def code_and_message(code: str | None, message: object) -> str:
+    """`CODE: message`, `CODE` or `message`, for an error detail."""
+    text = one_line(message) if message else ""
+    if code and text:
+        return f"{code}: {text}"
+    return code or text
+
+
 def auth_like(*texts: object) -> bool:
     """Does an error code or message talk about credentials (token, auth*, expired)?"""
     return any(isinstance(t, str) and _AUTH_WORDS.search(t) for t in texts)
@@ -285,8 +293,14 @@ class HttpClient:
             code=None if code is None else self.redact(code),
         )
 
+    def auth_like(self, *texts: object) -> bool:
+        """`auth_like` on the redacted texts: an echoed credential must not look like a word."""
+        return auth_like(*(self.redact(t) if isinstance(t, str) else t for t in texts))
+
     def malformed(self, message: str, *, task_id: str | None, write: bool) -> UpstreamError:
         """An answer we cannot understand: a read may be retried; a write may have applied."""
+        if write:
+            message += "; the write may have been applied"
         return self.error(ErrorKind.UNKNOWN if write else ErrorKind.RETRY, message, task_id=task_id)
 
     def status_error(
@@ -399,7 +413,7 @@ class HttpClient:
         described = f"{one_line(content_type, 60)}, {len(raw)} bytes"
         if problem is not None:
             if ok:
-                raise self.malformed(f"answer unreadable: {problem}", task_id=task_id, write=write)
+                raise self.malformed(problem, task_id=task_id, write=write)
             return Answer(status, headers, None, False, f"{described}; {problem}")
         try:
             data = orjson.loads(raw) if raw else None
@@ -424,16 +438,17 @@ class HttpClient:
             raise _BodyProblem(f"answer of {length} bytes exceeds the {cap}-byte limit")
         chunks: list[bytes] = []
         size = 0
+        of = f" of {length}" if length is not None else ""
         try:
             while chunk := await response.content.readany():
                 size += len(chunk)
                 if size > cap:
                     raise _BodyProblem(f"answer exceeds the {cap}-byte limit")
                 chunks.append(chunk)
-        except aiohttp.ClientPayloadError as exc:
-            raise _BodyProblem(f"answer cut off ({size} bytes read): {exc}") from None
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-            raise _BodyProblem(f"connection lost while reading the answer: {exc}") from None
+        except aiohttp.ClientPayloadError:
+            raise _BodyProblem(f"answer cut off after {size}{of} bytes") from None
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            raise _BodyProblem(f"connection lost after {size}{of} bytes of the answer") from None
         except TimeoutError:
             raise _BodyProblem(f"no complete answer within {self.timeout:g}s") from None
         return b"".join(chunks)
@@ -581,10 +596,11 @@ class TokenCache:
                 return current
             if not forced and current is not None and self._clock() < current.refresh_at:
                 return current
-            self._attempts += 1
             try:
                 value, lifetime = await self._issue(task_id)
             except UpstreamError as exc:
+                # Counted when the attempt ends, so callers that queued behind it see it.
+                self._attempts += 1
                 self._failure = exc
                 if not forced and current is not None and self._clock() < current.expires_at:
                     # A proactive renewal failed but the old token still lives: keep using it.
@@ -592,6 +608,7 @@ class TokenCache:
                     return current
                 self._token = None
                 raise
+            self._attempts += 1
             now = self._clock()
             self._failure = None
             self._token = Token(

@@ -26,7 +26,7 @@ from worker.upstreams.http import (
     HttpClient,
     Redactor,
     as_text,
-    auth_like,
+    code_and_message,
     one_line,
     reword,
     type_name,
@@ -162,7 +162,7 @@ class KooDriveClient:
         raw_code = fields.get("code")
         code = None if isinstance(raw_code, bool) else as_text(raw_code)
         message = one_line(fields.get("msg") or "")
-        detail = f"code {code}: {message}" if code else message
+        detail = code_and_message(code and f"code {code}", message)
         if code in NOT_FOUND_CODES:
             raise self._http.error(
                 ErrorKind.NOT_FOUND, detail, task_id=task_id, http_status=answer.status, code=code
@@ -171,7 +171,9 @@ class KooDriveClient:
             error = self._http.status_error(
                 answer, task_id=task_id, write=False, detail=detail, code=code
             )
-            if answer.status == 400 and auth_like(message):  # "400: authentication failed"
+            if answer.status == 400 and self._http.auth_like(
+                message
+            ):  # "400: authentication failed"
                 raise reword(error, task_id=task_id, kind=ErrorKind.AUTH)
             raise error
         if not isinstance(data, dict):
@@ -184,7 +186,7 @@ class KooDriveClient:
             )
         if code != "0":
             raise self._http.error(
-                ErrorKind.AUTH if auth_like(message) else ErrorKind.PERMANENT,
+                ErrorKind.AUTH if self._http.auth_like(message) else ErrorKind.PERMANENT,
                 detail,
                 task_id=task_id,
                 http_status=answer.status,

@@ -32,6 +32,7 @@ from worker.upstreams.http import (
     Token,
     TokenCache,
     as_text,
+    code_and_message,
     one_line,
     reword,
     type_name,
@@ -203,7 +204,7 @@ class SecMasterClient:
         return envelope
 
     async def discover(self) -> AsyncIterator[str]:
-        offset = 0
+        offset, seen = 0, set[str]()
         while True:
             where = f"task list at offset {offset}: "
             try:
@@ -217,12 +218,12 @@ class SecMasterClient:
                 items, total = self._page(envelope)
             except UpstreamError as exc:
                 raise reword(exc, task_id=None, prefix=where) from None
-            for item in items:
-                task_id = as_text(item.get("id")) if isinstance(item, dict) else None
-                if task_id:
-                    yield task_id
+            fresh = [task_id for task_id in _ids(items, "id") if task_id not in seen]
+            for task_id in fresh:
+                seen.add(task_id)
+                yield task_id
             offset += PAGE_SIZE
-            if not items or offset >= total:
+            if not fresh or offset >= total:  # no new id: a server ignoring offset ends here
                 return
             if offset > MAX_OFFSET:
                 log.warning(
@@ -315,8 +316,9 @@ class SecMasterClient:
             try:
                 return self._envelope(answer, task_id=task_id, write=write)
             except UpstreamError as exc:
-                # Only an IAM token is worth renewing. A refused AK/SK signature is final at
-                # once: five failures in a row lock the AK/SK for five minutes.
+                # Only an IAM token is worth renewing, and only on 401 (403 refuses the user's
+                # permissions, which a new token for the same user does not change). A refused
+                # AK/SK signature is final at once: five failures in a row lock the AK/SK.
                 if exc.http_status != 401 or self._tokens is None or token is None or last:
                     raise
             token = await self._tokens.renew(token, task_id)
@@ -329,7 +331,7 @@ class SecMasterClient:
         code = as_text(fields.get("code")) or as_text(fields.get("error_code"))
         message = fields.get("message") or fields.get("error_msg") or ""
         if not answer.ok:
-            detail = f"{code}: {one_line(message)}" if code else one_line(message)
+            detail = code_and_message(code, message)
             if answer.status == 401 and self._mode == "aksk":
                 detail += " (AK/SK refused; not retried: repeated failures lock the AK/SK)"
             raise self._http.status_error(
@@ -349,7 +351,7 @@ class SecMasterClient:
         if raw_code is not None and raw_code != SUCCESS:
             raise self._http.error(
                 ErrorKind.PERMANENT,
-                f"{raw_code}: {one_line(message)}",
+                code_and_message(raw_code, message),
                 task_id=task_id,
                 http_status=answer.status,
                 code=raw_code,
@@ -421,6 +423,12 @@ class SecMasterClient:
             return token, IAM_FALLBACK_LIFETIME
         lifetime = (expires - datetime.now(UTC)).total_seconds()
         return token, max(IAM_MIN_LIFETIME, lifetime)
+
+
+def _ids(items: list[JSON], key: str) -> list[str]:
+    """The ids of a page of list items; items without one are skipped."""
+    ids = (as_text(item.get(key)) if isinstance(item, dict) else None for item in items)
+    return [task_id for task_id in ids if task_id]
 
 
 def parse_iso(value: object) -> datetime | None:
