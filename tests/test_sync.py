@@ -30,9 +30,13 @@ async def test_first_sync_stores_snapshots_and_history_then_nothing_new(
             assert await count(store, "task_snapshots") == 24
             assert await count(store, "task_events", "kind = 'status_changed'") == 0
             # the history a task already has is recorded at the first observation
-            traces = sum(len(sb.payload("aicc", t).get("taskTrace") or []) for t in sb.task_ids("aicc"))
+            traces = sum(
+                len(sb.payload("aicc", t).get("taskTrace") or []) for t in sb.task_ids("aicc")
+            )
             assert await count(store, "task_events", "kind = 'trace'") == traces
-            comments = sum(len(sb.payload("secmaster", t)["comments"]) for t in sb.task_ids("secmaster"))
+            comments = sum(
+                len(sb.payload("secmaster", t)["comments"]) for t in sb.task_ids("secmaster")
+            )
             assert await count(store, "task_events", "kind = 'comment_added'") == comments
             events = await count(store, "task_events")
 
@@ -103,7 +107,11 @@ async def test_upstream_changes_become_exactly_the_expected_events(
                 ]
             )
             # removals
-            comment_id = next(c["id"] for c in sb.payload("secmaster", sec)["comments"] if c["message"] == "looked at it")
+            comment_id = next(
+                c["id"]
+                for c in sb.payload("secmaster", sec)["comments"]
+                if c["message"] == "looked at it"
+            )
             sb.mutate("secmaster", sec, "delete-comment", comment_id=comment_id)
             sb.mutate("secmaster", sec, "delete-attachment", attachment_id="att-1")
             await cycle.run(all_tasks=True)
@@ -112,11 +120,15 @@ async def test_upstream_changes_become_exactly_the_expected_events(
                 "SELECT kind FROM task_events WHERE kind IN ('comment_removed', 'attachment_removed')",
             )
             assert sorted(r["kind"] for r in removed) == ["attachment_removed", "comment_removed"]
-            [task] = await rows(store, "SELECT status, state, snapshot_seq FROM tasks WHERE task_id = :t", t=sec)
+            [task] = await rows(
+                store, "SELECT status, state, snapshot_seq FROM tasks WHERE task_id = :t", t=sec
+            )
             assert (task["status"], task["state"], task["snapshot_seq"]) == ("finished", "done", 3)
 
 
-async def test_repeated_and_concurrent_cycles_never_duplicate(database: Database, store: Store) -> None:
+async def test_repeated_and_concurrent_cycles_never_duplicate(
+    database: Database, store: Store
+) -> None:
     async with Sandbox(seed=5, tasks_per_system=20) as sb:
         settings = settings_for(sb, database.url)
         await track_all(store, sb)
@@ -133,7 +145,9 @@ async def test_repeated_and_concurrent_cycles_never_duplicate(database: Database
             async with store.engine.begin() as conn:
                 for row in snapshot:
                     await conn.execute(
-                        sa.text("UPDATE tasks SET content_hash = :h, snapshot_seq = :q WHERE id = :id"),
+                        sa.text(
+                            "UPDATE tasks SET content_hash = :h, snapshot_seq = :q WHERE id = :id"
+                        ),
                         {"h": row["content_hash"], "q": row["snapshot_seq"], "id": row["id"]},
                     )
             await SyncCycle(store, upstreams, settings, "w1").run(all_tasks=True)
@@ -155,7 +169,14 @@ async def test_repeated_and_concurrent_cycles_never_duplicate(database: Database
                     await other.aclose()
             else:
                 await SyncCycle(store, upstreams, settings, "w1").run()
-            assert await count(store, "task_events", "kind = 'comment_added' AND CAST(data AS TEXT) LIKE '%race%'") == 5
+            assert (
+                await count(
+                    store,
+                    "task_events",
+                    "kind = 'comment_added' AND CAST(data AS TEXT) LIKE '%race%'",
+                )
+                == 5
+            )
             dupes = await rows(
                 store,
                 "SELECT system, task_id, kind, dedup_key, count(*) AS n FROM task_events "
@@ -187,7 +208,10 @@ async def test_failures_back_off_and_recover(database: Database, store: Store) -
             assert gone["task_id"] == "nosuchtask0000000001" and gone["not_found"]
             assert "not found" in gone["last_error"].lower() or "404" in gone["last_error"]
             # a task the upstream says does not exist waits the terminal interval
-            [due] = await rows(store, "SELECT next_poll_at, last_polled_at FROM tasks WHERE task_id = 'nosuchtask0000000001'")
+            [due] = await rows(
+                store,
+                "SELECT next_poll_at, last_polled_at FROM tasks WHERE task_id = 'nosuchtask0000000001'",
+            )
             gap = store_time(due["next_poll_at"]) - store_time(due["last_polled_at"])
             assert gap.total_seconds() >= settings.worker.terminal_poll_interval * 0.99
 
@@ -212,9 +236,13 @@ async def test_discover_tracks_new_tasks(database: Database, store: Store) -> No
             assert again.new == 0 and again.seen == stats.seen
 
 
-async def test_two_sync_processes_split_2000_tasks(database: Database, store: Store, tmp_path: Path) -> None:
+async def test_two_sync_processes_split_2000_tasks(
+    database: Database, store: Store, tmp_path: Path
+) -> None:
     if database.kind != "postgres":
-        pytest.skip("several workers need PostgreSQL; SQLite refuses a second worker (tested in test_cli)")
+        pytest.skip(
+            "several workers need PostgreSQL; SQLite refuses a second worker (tested in test_cli)"
+        )
     async with Sandbox(seed=8, tasks_per_system=667) as sb:
         assert await track_all(store, sb) == 2001
         config = tmp_path / "tasksync.toml"

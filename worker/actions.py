@@ -16,7 +16,9 @@ re-sends on its own either.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -34,6 +36,16 @@ from worker.store import ClaimedAction, Finish, Store, utcnow
 from worker.upstreams.base import ErrorKind, Upstream, UpstreamError, effect_count
 
 log = logging.getLogger("worker.actions")
+
+# Test-only: the crash tests SIGKILL this process at a named point of an attempt
+# ("after-attempt": recorded but not sent; "after-answer": applied upstream, not yet recorded).
+_CRASH_AT = os.environ.get("TASKSYNC_TEST_CRASH_AT")
+
+
+def _crash_point(name: str) -> None:
+    if name == _CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 ADDITIVE = frozenset({"process", "comment"})  # effect = one more matching item
 
@@ -63,17 +75,19 @@ class ActionRunner:
     worker: str
     rng: random.Random = field(default_factory=random.Random)
     in_flight: set[int] = field(default_factory=set)
+    _completions: int = 0
+    _wake: anyio.Event = field(default_factory=anyio.Event)
 
     async def run_until_idle(self, stop: anyio.Event | None = None) -> ApplyStats:
-        """Apply due actions until none is due (or `stop` is set). Actions on different tasks run
+        """Apply due actions until none is due (or `stop` is set, after which nothing new is
+        claimed and the actions in flight are finished). Actions on different tasks run
         concurrently; the claim hands out at most one open action per task at a time."""
         stats = ApplyStats()
         slots = self.settings.worker.concurrency
-        done = anyio.Event()
-        finished: list[anyio.Event] = [done]
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._renew_leases)
             while not (stop and stop.is_set()):
+                seen = self._completions
                 free = slots - len(self.in_flight)
                 claimed = []
                 if free > 0:
@@ -83,21 +97,25 @@ class ActionRunner:
                 for action in claimed:
                     self.in_flight.add(action.id)
                     stats.claimed += 1
-                    tg.start_soon(self._guarded, action, stats, finished)
-                if not claimed and not self.in_flight:
+                    tg.start_soon(self._guarded, action, stats)
+                if claimed and len(self.in_flight) < slots:
+                    continue  # there may be more due right now
+                if seen != self._completions:
+                    continue  # one finished meanwhile: it may have unblocked its task's next
+                if not self.in_flight:
                     break
-                if not claimed or free - len(claimed) <= 0:
-                    # wait until an action finishes: it may unblock the next one on its task
-                    event = anyio.Event()
-                    finished[0] = event
-                    with anyio.move_on_after(1.0):
-                        await event.wait()
+                # wait until an action finishes: it may unblock the next one on its task
+                self._wake = anyio.Event()
+                with anyio.move_on_after(1.0):
+                    await self._wake.wait()
+            while self.in_flight:
+                self._wake = anyio.Event()
+                with anyio.move_on_after(1.0):
+                    await self._wake.wait()
             tg.cancel_scope.cancel()
         return stats
 
-    async def _guarded(
-        self, action: ClaimedAction, stats: ApplyStats, finished: list[anyio.Event]
-    ) -> None:
+    async def _guarded(self, action: ClaimedAction, stats: ApplyStats) -> None:
         try:
             with log_context(system=action.system, task=action.task_id, action=str(action.id)):
                 await self.process(action, stats)
@@ -109,7 +127,8 @@ class ActionRunner:
             )
         finally:
             self.in_flight.discard(action.id)
-            finished[0].set()
+            self._completions += 1
+            self._wake.set()
 
     async def _renew_leases(self) -> None:
         interval = max(self.settings.worker.lease / 3, 0.5)
@@ -169,11 +188,13 @@ class ActionRunner:
             )
             return
         attempts = action.attempts + 1
+        _crash_point("after-attempt")
         try:
             answer = await upstream.apply(action.task_id, action.kind, params)
         except UpstreamError as exc:
             await self._reschedule(action, attempt_id, exc, stats, max_attempts, attempts=attempts)
             return
+        _crash_point("after-answer")
         await self.store.finish(
             action.id,
             self.worker,
