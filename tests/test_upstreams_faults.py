@@ -154,6 +154,10 @@ class RawServer:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # Cancelled by __aexit__ (a stalled reply): end quietly, as asyncio's stream
+            # callback logs an error for a connection task that ends cancelled.
+            pass
         finally:
             self._tasks.discard(task)
             writer.close()
@@ -327,7 +331,8 @@ async def test_retry_after_is_parsed(system: str, op: str) -> None:
     error = await classify(system, op, fixed(Reply(http(503, headers={"Retry-After": "7"}))))
     assert error.retry_after == 7.0
     assert error.http_status == 503
-    error = await classify(system, op, fixed(Reply(http(429, headers={"Retry-After": SOON}))))
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    error = await classify(system, op, fixed(Reply(http(429, headers={"Retry-After": soon}))))
     assert error.retry_after is not None and 100 < error.retry_after <= 120
     error = await classify(system, op, fixed(Reply(http(429))))
     assert error.retry_after is None
