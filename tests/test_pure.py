@@ -139,7 +139,7 @@ def test_poll_delay_grows_and_is_capped() -> None:
 )
 def test_action_validation(system: str, kind: str, params: object, error: str | None) -> None:
     if error is None:
-        spec, clean = validate_action(system, kind, params)
+        _spec, clean = validate_action(system, kind, params)
         assert clean["type"] == "Iternal"
         return
     with pytest.raises(InvalidInput, match=error):

@@ -11,10 +11,10 @@ from typing import TypeVar
 import anyio
 
 from worker.config import ConfigError, LoadedConfig
+from worker.model import System
 from worker.store import SqliteWorkerLock, Store, sqlite_path, worker_name
 from worker.store.engine import async_url
 from worker.upstreams import build_upstreams
-from worker.model import System
 from worker.upstreams.base import Upstream
 
 T = TypeVar("T")
