@@ -823,7 +823,7 @@ _junk = st.recursive(
 )
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(payload=st.dictionaries(_keys, _junk, max_size=6))
 def test_observe_never_raises_on_junk(payload: dict[str, Any]) -> None:
     for observe in (observe_aicc, observe_secmaster, observe_koodrive):

@@ -382,22 +382,27 @@ class HttpClient:
             raise
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             sent = attempt is None or attempt.sent or isinstance(exc, _ResendRefused)
-            raise self._transport_error(exc, task_id=task_id, write=write, sent=sent) from None
+            error = self._transport_error(exc, task_id=task_id, write=write, sent=sent)
+            self._log(method, url, f"failed ({error.kind})", started)
+            raise error from None
         except ValueError as exc:  # e.g. a header value with a newline: nothing was sent
             raise self.error(
                 ErrorKind.PERMANENT, f"request could not be built: {exc}", task_id=task_id
             ) from None
-        elapsed = time.perf_counter() - started
+        self._log(method, url, status, started)
+        return self._answer(status, answer_headers, raw, problem, content_type, task_id, write)
+
+    def _log(self, method: str, url: str, outcome: object, started: float) -> None:
+        # Method, path, status and time only: headers carry credentials and are never logged.
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s %s %s -> %s in %.1f ms",
                 self.system,
                 method,
                 self.redact(URL(url, encoded=True).raw_path_qs),
-                status,
-                elapsed * 1000,
+                outcome,
+                (time.perf_counter() - started) * 1000,
             )
-        return self._answer(status, answer_headers, raw, problem, content_type, task_id, write)
 
     def _answer(
         self,
