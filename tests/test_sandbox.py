@@ -762,3 +762,25 @@ def test_serve_rejects_a_bad_fault_spec() -> None:
 
     with pytest.raises(ValueError, match="bogus"):
         serve(faults="bogus=1")
+
+
+async def test_aicc_list_filters_by_time_and_priority(
+    sb: Sandbox, http: aiohttp.ClientSession
+) -> None:
+    headers = {"access-token": await aicc_token(sb, http)}
+    details = {i: sb.payload("aicc", i)["taskInfo"] for i in sb.task_ids("aicc")}
+    middle = sorted(info["createdDate"] for info in details.values())[6]
+    priority = details[sb.task_ids("aicc")[0]]["priority"]
+    for query, expected in (
+        ({"startTime": middle}, {i for i, d in details.items() if d["createdDate"] >= middle}),
+        ({"endTime": middle}, {i for i, d in details.items() if d["createdDate"] <= middle}),
+        ({"priority": priority}, {i for i, d in details.items() if d["priority"] == priority}),
+    ):
+        body = {"start": 0, "limit": 100, "creatorId": C.creator_id, **query}
+        async with http.post(f"{sb.base_url}{AICC}/list", json=body, headers=headers) as r:
+            result = (await body_of(r))["result"]
+        assert {item["taskId"] for item in result["taskList"]} == expected
+        assert result["count"] == len(expected)
+    body = {"start": 0, "limit": 5, "creatorId": C.creator_id, "startTime": "yesterday"}
+    async with http.post(f"{sb.base_url}{AICC}/list", json=body, headers=headers) as r:
+        assert (await body_of(r))["resCode"] != "0"

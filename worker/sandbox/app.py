@@ -8,26 +8,39 @@ anything, handle (which may apply an effect), and then slow down, drop or garble
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
-import orjson
 from aiohttp import web
 
 from worker.model import System
-from worker.sandbox import seed
+from worker.sandbox import payloads, seed
 from worker.sandbox.auth import Authenticator
 from worker.sandbox.faults import FaultInjector
 from worker.sandbox.iam import iam_token_response
 from worker.sandbox.state import BusinessError, SandboxState
-
-AICC_TYPE: Final = "application/json%3Bcharset=UTF-8"  # sic: what AICC's documented answer carries
-JSON_TYPE: Final = "application/json;charset=UTF-8"
-GATEWAY_TYPE: Final = "application/json"
+from worker.sandbox.tasks import AiccTask
+from worker.sandbox.wire import (
+    AICC_TYPE,
+    INTERNAL_ERRORS,
+    JSON_TYPE,
+    BadRequest,
+    aicc_error,
+    aicc_time_param,
+    envelope,
+    gateway_error,
+    int_param,
+    json_object,
+    json_response,
+    koodrive_error,
+    new_request_id,
+    query_int,
+    secmaster_error,
+    text_param,
+)
 
 AICC_PREFIX: Final = "/service/AICC__Case/1.0.0/openapi/task"
 SECMASTER_TASKS: Final = "/v1/{project_id}/workspaces/{workspace_id}/soc/tasks"
@@ -56,56 +69,6 @@ class RequestLog:
     @property
     def total(self) -> int:
         return sum(self.routes.values())
-
-
-def _request_id() -> str:
-    return os.urandom(16).hex()
-
-
-def _json(
-    status: int, payload: object, content_type: str = JSON_TYPE, **headers: str
-) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(payload), headers={"Content-Type": content_type, **headers}
-    )
-
-
-def gateway_error(
-    status: int, code: str, message: str, *, retry_after: bool = False
-) -> web.Response:
-    """Huawei API gateway's own error shape (401 APIGW.0301, 429 APIGW.0308)."""
-    request_id = _request_id()
-    headers = {"X-Request-Id": request_id}
-    if retry_after:
-        headers["Retry-After"] = "1"
-    body = {"error_code": code, "error_msg": message, "request_id": request_id}
-    return _json(status, body, GATEWAY_TYPE, **headers)
-
-
-def aicc_error(status: int, code: str, message: str) -> web.Response:
-    return _json(status, {"resCode": code, "resMsg": message}, AICC_TYPE)
-
-
-def secmaster_error(status: int, code: str, message: str) -> web.Response:
-    return _json(
-        status, {"code": code, "message": message}, JSON_TYPE, **{"X-Request-Id": _request_id()}
-    )
-
-
-def koodrive_error(status: int, code: int, message: str) -> web.Response:
-    return _json(status, {"code": code, "msg": message})
-
-
-# What a 500 fault answers. The codes are invented: the documents list no server-error codes.
-INTERNAL_ERRORS: Final[dict[System, Callable[[], web.Response]]] = {
-    "aicc": lambda: aicc_error(500, "500", "Internal Server Error"),
-    "secmaster": lambda: secmaster_error(500, "SecMaster.00000500", "internal server error"),
-    "koodrive": lambda: koodrive_error(500, 13000500, "internal server error"),
-}
-
-
-class BadRequest(Exception):
-    """A parameter the handler refuses: answered in the system's own error shape."""
 
 
 class Simulator:
@@ -217,7 +180,7 @@ class Simulator:
         ):
             return aicc_error(401, "401", "invalid client_id or client_secret")
         lifetime = self.auth.aicc_tokens.lifetime
-        return _json(
+        return json_response(
             200,
             {
                 "access_token": self.auth.aicc_tokens.issue(),
@@ -242,20 +205,20 @@ class Simulator:
         return await self._guarded(request, "aicc", "aicc.process", True, self._aicc_process)
 
     def _aicc_process(self, request: web.Request, body: bytes) -> web.Response:
-        data = _json_object(body)
+        data = json_object(body)
         if data is None:
             return aicc_error(400, "400", "the request body must be a JSON object")
-        task_id = _text(data, "taskId", 255)
-        creator_id = _text(data, "creatorId", 64)
+        task_id = text_param(data, "taskId", 255)
+        creator_id = text_param(data, "creatorId", 64)
         info = data.get("processInfo")
         if not isinstance(info, dict):
             raise BadRequest("processInfo must be an object")
-        process_type = _text(info, "type", 64)
+        process_type = text_param(info, "type", 64)
         if process_type != "Iternal":  # sic: the only documented value
             raise BadRequest(f"processInfo.type {process_type!r} is not supported (Iternal)")
         # Lengths are counted in characters; the document says "bytes" without an encoding.
-        title = _text(info, "title", 128, label="processInfo.title")
-        description = _text(info, "description", 20_000, label="processInfo.description")
+        title = text_param(info, "title", 128, label="processInfo.title")
+        description = text_param(info, "description", 20_000, label="processInfo.description")
         attachment = info.get("attachment")
         if attachment is not None and (not isinstance(attachment, str) or len(attachment) > 255):
             raise BadRequest("processInfo.attachment must be a string of at most 255 characters")
@@ -270,38 +233,27 @@ class Simulator:
             description=description,
             attachment=attachment,
         )
-        return _json(200, {"resCode": "0", "resMsg": "Success"}, AICC_TYPE)
+        return json_response(200, {"resCode": "0", "resMsg": "Success"}, AICC_TYPE)
 
     async def aicc_list(self, request: web.Request) -> web.StreamResponse:
         return await self._guarded(request, "aicc", "aicc.list", False, self._aicc_list)
 
     def _aicc_list(self, request: web.Request, body: bytes) -> web.Response:
-        data = _json_object(body)
+        data = json_object(body)
         if data is None:
             return aicc_error(400, "400", "the request body must be a JSON object")
-        start = _integer(data, "start", 0, None)
-        limit = _integer(data, "limit", 1, 100)
-        _text(data, "creatorId", 64)
+        start = int_param(data, "start", 0, None)
+        limit = int_param(data, "limit", 1, 100)
+        text_param(data, "creatorId", 64)
         exact = {k: data[k] for k in ("status", "ownerId", "priority") if data.get(k) is not None}
-        since = _aicc_time(data, "startTime")
-        until = _aicc_time(data, "endTime")
-        matches = []
-        for task in self.state.aicc:
-            if "status" in exact and task.status != exact["status"]:
-                continue
-            if exact or since is not None or until is not None:
-                summary = seed.aicc_summary(task.id, task.n, task.status)
-                if any(summary[k] != v for k, v in exact.items()):
-                    continue
-                created = seed.created_epoch(task.n)
-                if (since is not None and created < since) or (
-                    until is not None and created > until
-                ):
-                    continue
-            matches.append(task)
-        page = [seed.aicc_summary(t.id, t.n, t.status) for t in matches[start : start + limit]]
+        since = aicc_time_param(data, "startTime")
+        until = aicc_time_param(data, "endTime")
+        matches: list[AiccTask] = self.state.aicc.order  # unfiltered: discovery's case, no scan
+        if exact or since is not None or until is not None:
+            matches = [t for t in matches if _aicc_matches(t, exact, since, until)]
+        page = [payloads.aicc_summary(t.id, t.n, t.status) for t in matches[start : start + limit]]
         result = {"taskList": page, "count": len(matches)}
-        return _json(200, {"resCode": "0", "resMsg": "成功", "result": result}, AICC_TYPE)
+        return json_response(200, {"resCode": "0", "resMsg": "成功", "result": result}, AICC_TYPE)
 
     # --- SecMaster ------------------------------------------------------------------------
 
@@ -328,7 +280,7 @@ class Simulator:
         task = self.state.secmaster.get(request.match_info["task_id"])
         if task is None:
             return secmaster_error(404, "SecMaster.20040004", "task not found")
-        return _envelope(self.state.secmaster_data(task))
+        return envelope(self.state.secmaster_data(task))
 
     async def secmaster_list(self, request: web.Request) -> web.StreamResponse:
         return await self._guarded(request, "secmaster", "secmaster.list", False, self._sm_list)
@@ -338,8 +290,8 @@ class Simulator:
         if error is not None:
             return error
         query = request.query
-        offset = _query_int(query.get("offset"), "offset", 0, 0, SECMASTER_MAX_OFFSET)
-        limit = _query_int(query.get("limit"), "limit", 10, 1, 100)
+        offset = query_int(query.get("offset"), "offset", 0, 0, SECMASTER_MAX_OFFSET)
+        limit = query_int(query.get("limit"), "limit", 10, 1, 100)
         query_type = query.get("query_type", "my_todo")
         if query_type not in ("my_todo", "all_handled"):
             raise BadRequest(f"query_type {query_type!r} is not my_todo or all_handled")
@@ -360,20 +312,20 @@ class Simulator:
             if (t.status == "waiting") == waiting
             and (
                 business_type is None
-                or seed.secmaster_business_type(t.n, creds.project_id, creds.workspace_id)
+                or payloads.secmaster_business_type(t.n, creds.project_id, creds.workspace_id)
                 == business_type
             )
         ]
         if sort_key is not None:  # without one: creation order in the sandbox
             if sort_key == "create_time":
                 matches.sort(
-                    key=lambda t: seed.secmaster_created_ms(t.n), reverse=sort_dir == "DESC"
+                    key=lambda t: payloads.secmaster_created_ms(t.n), reverse=sort_dir == "DESC"
                 )
             else:
                 matches.sort(key=lambda t: t.update_ms(), reverse=sort_dir == "DESC")
         page = matches[offset : offset + limit]
         data = b"[" + b",".join(self.state.secmaster_data(t) for t in page) + b"]"
-        request_id = _request_id()
+        request_id = new_request_id()
         head = b'{"code":"00000000","message":"","request_id":"%s","success":true,' % (
             request_id.encode()
         )
@@ -389,7 +341,7 @@ class Simulator:
         error = self._workspace_error(request)
         if error is not None:
             return error
-        data = _json_object(body)
+        data = json_object(body)
         if data is None:
             raise BadRequest("the request body must be a JSON object")
         action = data.get("action")
@@ -407,7 +359,7 @@ class Simulator:
             self.state.secmaster_update(task, action, value, (creds.user_id, creds.username))
         except BusinessError as exc:
             return secmaster_error(400, exc.code, exc.message)
-        return _envelope(self.state.secmaster_data(task))
+        return envelope(self.state.secmaster_data(task))
 
     # --- KooDrive -------------------------------------------------------------------------
 
@@ -425,66 +377,20 @@ class Simulator:
         )
 
 
+def _aicc_matches(
+    task: AiccTask, exact: dict[str, Any], since: float | None, until: float | None
+) -> bool:
+    if "status" in exact and task.status != exact["status"]:  # cheap test first
+        return False
+    summary = payloads.aicc_summary(task.id, task.n, task.status)
+    if any(summary[k] != v for k, v in exact.items()):
+        return False
+    created = seed.created_epoch(task.n)
+    return (since is None or created >= since) and (until is None or created <= until)
+
+
 def _drop(request: web.Request) -> web.Response:
     """Close the connection without an answer. aiohttp then fails to write the response we
     return (the transport is closing), treats it as a client disconnect and sends nothing."""
     request.protocol.force_close()
     return web.Response(status=204)
-
-
-def _envelope(data: bytes) -> web.Response:
-    request_id = _request_id()
-    body = b'{"code":"00000000","message":"","request_id":"%s","success":true,"data":%s}' % (
-        request_id.encode(),
-        data,
-    )
-    return web.Response(body=body, headers={"Content-Type": JSON_TYPE, "X-Request-Id": request_id})
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _text(data: dict[str, Any], name: str, limit: int, *, label: str | None = None) -> str:
-    value = data.get(name)
-    label = label or name
-    if not isinstance(value, str) or not value.strip():
-        raise BadRequest(f"{label} is required and must be a non-empty string")
-    if len(value) > limit:
-        raise BadRequest(f"{label} is {len(value)} characters long; at most {limit}")
-    return value
-
-
-def _integer(data: dict[str, Any], name: str, low: int, high: int | None) -> int:
-    value = data.get(name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} is required and must be an integer")
-    if value < low or (high is not None and value > high):
-        raise BadRequest(f"{name} must be between {low} and {high}" if high else f"{name} < {low}")
-    return value
-
-
-def _aicc_time(data: dict[str, Any], name: str) -> float | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    try:
-        return seed.parse_aicc_time(str(value))
-    except ValueError:
-        raise BadRequest(f"{name} must be YYYY-MM-DD HH:mm:ss") from None
-
-
-def _query_int(value: str | None, name: str, default: int, low: int, high: int) -> int:
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer") from None
-    if not low <= number <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}")
-    return number

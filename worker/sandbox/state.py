@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from worker.model import SYSTEMS, System
-from worker.sandbox import seed
+from worker.sandbox import payloads, seed
 from worker.sandbox.auth import Credentials
 from worker.sandbox.tasks import (
     AiccTask,
@@ -151,7 +151,7 @@ class SandboxState:
             code = _KOODRIVE_SEEDED[pick] if status is None else int(status)
             task = self.koodrive.add(KooDriveTask(task_id, n, code))
             if code == 3:
-                task.result_code = seed.pick(n, 8, seed.KOODRIVE_FAILURES)
+                task.result_code = seed.pick(n, 8, payloads.KOODRIVE_FAILURES)
         else:
             raise ValueError(f"unknown system {system!r}")
         return task_id
@@ -192,7 +192,7 @@ class SandboxState:
     ) -> Effect:
         """Handle a task: a StatusUpdate trace entry, and Pending moves to Processing."""
         task.materialize().append(
-            seed.aicc_trace_entry(creator_id, creator_id, "StatusUpdate", title, description)
+            payloads.aicc_trace_entry(creator_id, creator_id, "StatusUpdate", title, description)
         )
         if task.status == "Pending":
             task.status = "Processing"
@@ -285,7 +285,9 @@ class SandboxState:
             title = params.get("title", "补充处理记录")
             description = params.get("description", f"{person_name} 更新了处理进展。")
             task.materialize().append(
-                seed.aicc_trace_entry(person_id, person_name, "StatusUpdate", title, description)
+                payloads.aicc_trace_entry(
+                    person_id, person_name, "StatusUpdate", title, description
+                )
             )
             self.aicc.changed(task)
             return self._record(
@@ -345,7 +347,7 @@ class SandboxState:
             status = task.status + 1 if task.status == 0 else self.rng.choice((2, 2, 2, 3))
         task.status = status
         task.result_code = (
-            params.get("result_code") or self.rng.choice(seed.KOODRIVE_FAILURES)
+            params.get("result_code") or self.rng.choice(payloads.KOODRIVE_FAILURES)
             if status == 3
             else None
         )

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from worker.model import System
-from worker.sandbox import seed
+from worker.sandbox import payloads, seed
 
 AICC_STATUSES = ("Pending", "Processing", "Completed")
 SECMASTER_STATUSES = ("waiting", "finished", "canceled")
@@ -73,7 +73,7 @@ class AiccTask:
     def materialize(self) -> list[bytes]:
         """The trace as a list owned by the task (called before any change)."""
         if self.trace is None:
-            self.trace = seed.aicc_initial_trace(self.n, self.status)
+            self.trace = payloads.aicc_initial_trace(self.n, self.status)
             if self.status == "Completed" and self.closed is None:
                 self.closed = self.derived_closed()
         return self.trace
@@ -83,12 +83,14 @@ class AiccTask:
 
     def render(self) -> bytes:
         trace = (
-            self.trace if self.trace is not None else seed.aicc_initial_trace(self.n, self.status)
+            self.trace
+            if self.trace is not None
+            else payloads.aicc_initial_trace(self.n, self.status)
         )
         closed = self.closed
         if closed is None and self.status == "Completed":
             closed = self.derived_closed()
-        return seed.aicc_detail(self.id, self.n, self.status, trace, closed)
+        return payloads.aicc_detail(self.id, self.n, self.status, trace, closed)
 
 
 class SecMasterTask:
@@ -98,30 +100,32 @@ class SecMasterTask:
         self.id = task_id
         self.n = n
         self.status = status
-        self.comments: list[seed.Comment] | None = None  # None: still the derived initial ones
+        self.comments: list[payloads.Comment] | None = None  # None: still the derived initial ones
         self.attachments: list[str] | None = None
         self.updated_ms: int | None = None
         self.modifier: tuple[str, str] | None = None
 
-    def materialize(self) -> tuple[list[seed.Comment], list[str]]:
+    def materialize(self) -> tuple[list[payloads.Comment], list[str]]:
         if self.comments is None:
-            self.comments = seed.secmaster_initial_comments(self.n)
+            self.comments = payloads.secmaster_initial_comments(self.n)
         if self.attachments is None:
-            self.attachments = seed.secmaster_initial_attachments(self.n)
+            self.attachments = payloads.secmaster_initial_attachments(self.n)
         return self.comments, self.attachments
 
-    def current_comments(self) -> list[seed.Comment]:
+    def current_comments(self) -> list[payloads.Comment]:
         return (
-            self.comments if self.comments is not None else seed.secmaster_initial_comments(self.n)
+            self.comments
+            if self.comments is not None
+            else payloads.secmaster_initial_comments(self.n)
         )
 
     def current_attachments(self) -> list[str]:
         if self.attachments is not None:
             return self.attachments
-        return seed.secmaster_initial_attachments(self.n)
+        return payloads.secmaster_initial_attachments(self.n)
 
     def render(self, project_id: str, workspace_id: str) -> bytes:
-        return seed.secmaster_task(
+        return payloads.secmaster_task(
             self.id,
             self.n,
             project_id=project_id,
@@ -135,7 +139,11 @@ class SecMasterTask:
 
     def update_ms(self) -> int:
         """Last update time in epoch ms (for ListTasks' sort_key=update_time)."""
-        return self.updated_ms if self.updated_ms is not None else seed.secmaster_created_ms(self.n)
+        return (
+            self.updated_ms
+            if self.updated_ms is not None
+            else payloads.secmaster_created_ms(self.n)
+        )
 
 
 class KooDriveTask:
@@ -148,7 +156,7 @@ class KooDriveTask:
         self.result_code: str | None = None
 
     def render(self, tenant_id: str, user_id: str) -> bytes:
-        return seed.koodrive_task(
+        return payloads.koodrive_task(
             self.id,
             self.n,
             tenant_id=tenant_id,
