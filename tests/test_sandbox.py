@@ -784,3 +784,16 @@ async def test_aicc_list_filters_by_time_and_priority(
     body = {"start": 0, "limit": 5, "creatorId": C.creator_id, "startTime": "yesterday"}
     async with http.post(f"{sb.base_url}{AICC}/list", json=body, headers=headers) as r:
         assert (await body_of(r))["resCode"] != "0"
+
+
+async def test_aksk_lockout_after_five_failures(http: aiohttp.ClientSession) -> None:
+    async with Sandbox(tasks_per_system=1, aksk_lockout=300) as sb:
+        url = f"{sb.base_url}{SM}/{sb.task_ids('secmaster')[0]}"
+        bad = sign_sdk("GET", url, {"X-Project-Id": C.project_id}, b"", C.ak, "wrong-sk")
+        for _ in range(5):
+            async with http.get(url, headers=bad) as r:
+                assert r.status == 401
+        async with http.get(url, headers=sm_signed("GET", url)) as r:
+            assert r.status == 401 and "locked" in (await body_of(r))["error_msg"]
+        async with http.get(url, headers={"X-Auth-Token": C.secmaster_token}) as r:
+            assert r.status == 200  # the lock is on the AK/SK only

@@ -38,6 +38,15 @@ class Sandbox:
     async with Sandbox(seed=1, tasks_per_system=30, faults="500=0.1") as sb:
         sb.base_url, sb.config_toml(), sb.task_ids("aicc"), sb.effects, sb.requests.detail
     ```
+
+    - seed: ids, payloads, fault draws and random mutations all derive from it.
+    - faults: a FaultSpec or its string form; change it later with `set_faults`.
+    - port: 0 picks a free one (`sb.port` once entered). Always bound to 127.0.0.1.
+    - token_lifetime / iam_token_lifetime: seconds an AICC / IAM token lives.
+    - mutate_every: change `mutate_count` random tasks every so many seconds ("by others").
+    - cache_bytes: budget of rendered bodies kept (LRU); 0 renders on every request.
+    - aksk_lockout: seconds an AK/SK stays locked after 5 failed signatures in a row
+      (SecMaster locks for 300); None (default) never locks.
     """
 
     def __init__(
@@ -53,6 +62,7 @@ class Sandbox:
         mutate_every: float | None = None,
         mutate_count: int = 1,
         cache_bytes: int = 256 * 1024 * 1024,
+        aksk_lockout: float | None = None,
     ) -> None:
         if mutate_every is not None and mutate_every <= 0:
             raise ValueError("mutate_every must be a positive number of seconds")
@@ -67,7 +77,9 @@ class Sandbox:
         self.faults = FaultInjector(_spec(faults), seed)
         self.aicc_tokens = TokenStore("0000000000", token_lifetime)
         self.iam_tokens = TokenStore("MII", iam_token_lifetime)
-        self.auth = Authenticator(credentials, self.aicc_tokens, self.iam_tokens)
+        self.auth = Authenticator(
+            credentials, self.aicc_tokens, self.iam_tokens, aksk_lockout=aksk_lockout
+        )
         self.requests = RequestLog()
         self.simulator = Simulator(self.state, self.faults, self.auth, self.requests)
         self.mutate_every = mutate_every
