@@ -163,7 +163,9 @@ def _describe_failure(exc: BaseException) -> tuple[str, int] | None:
 
     if isinstance(exc, DatabaseUrlError):
         return f"configuration error: {exc}", EX_CONFIG
-    if isinstance(exc, WorkerLockError | CommandFailed):
+    from worker.store.migrate import SchemaOutdated
+
+    if isinstance(exc, WorkerLockError | CommandFailed | SchemaOutdated):
         return str(exc), EX_FAILURE
     from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -216,22 +218,10 @@ def _open_store(loaded: LoadedConfig) -> Store:
     return Store.open(loaded.settings.database.url)
 
 
-_schema_checked: set[str] = set()
-
-
 def _ensure_schema(url: str) -> None:
-    """A database that was never migrated is migrated on first use (a fresh SQLite file needs
-    no ceremony); one at an older revision is left for `tasksync migrate` to upgrade."""
-    if url in _schema_checked:
-        return
-    from worker.store.migrate import current_revision, head_revision, upgrade
+    from worker.store.migrate import ensure_schema
 
-    current = current_revision(url)
-    if current is None:
-        upgrade(url)
-    elif current != head_revision(url):
-        raise CommandFailed(f"the database schema is at revision {current}; run `tasksync migrate`")
-    _schema_checked.add(url)
+    ensure_schema(url)
 
 
 async def _with_store(loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]]) -> T:

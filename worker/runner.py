@@ -14,6 +14,7 @@ from worker.config import ConfigError, LoadedConfig
 from worker.model import System
 from worker.store import SqliteWorkerLock, Store, sqlite_path, worker_name
 from worker.store.engine import async_url
+from worker.store.migrate import ensure_schema
 from worker.upstreams import build_upstreams
 from worker.upstreams.base import Upstream
 
@@ -111,11 +112,10 @@ def _check_systems(loaded: LoadedConfig, systems: Sequence[str]) -> None:
 
 
 def run_sync(loaded: LoadedConfig, *, systems: Sequence[str], all_tasks: bool, quiet: bool) -> int:
-    from worker.cli import _ensure_schema
     from worker.sync import SyncCycle
 
     _check_systems(loaded, systems)
-    _ensure_schema(loaded.settings.database.url)
+    ensure_schema(loaded.settings.database.url)
     register_secrets(loaded)
 
     async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:
@@ -137,11 +137,10 @@ def run_sync(loaded: LoadedConfig, *, systems: Sequence[str], all_tasks: bool, q
 
 
 def run_discover(loaded: LoadedConfig, *, systems: Sequence[str], quiet: bool) -> int:
-    from worker.cli import _ensure_schema
     from worker.sync import discover
 
     _check_systems(loaded, systems)
-    _ensure_schema(loaded.settings.database.url)
+    ensure_schema(loaded.settings.database.url)
     register_secrets(loaded)
 
     async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:
@@ -162,9 +161,8 @@ def run_discover(loaded: LoadedConfig, *, systems: Sequence[str], quiet: bool) -
 
 def run_apply(loaded: LoadedConfig) -> int:
     from worker.actions import ActionRunner
-    from worker.cli import _ensure_schema
 
-    _ensure_schema(loaded.settings.database.url)
+    ensure_schema(loaded.settings.database.url)
     register_secrets(loaded)
 
     async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:

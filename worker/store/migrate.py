@@ -55,3 +55,24 @@ def current_revision(url: str) -> str | None:
             await engine.dispose()
 
     return asyncio.run(look())
+
+
+class SchemaOutdated(Exception):
+    """The database is at an older revision: `tasksync migrate` must run first."""
+
+
+_checked: set[str] = set()
+
+
+def ensure_schema(url: str) -> None:
+    """A database that was never migrated is migrated on first use (a fresh SQLite file needs
+    no ceremony); one at an older revision is left for `tasksync migrate` to upgrade, so an
+    operator decides when a schema change happens. Call it outside any running event loop."""
+    if url in _checked:
+        return
+    current = current_revision(url)
+    if current is None:
+        upgrade(url)
+    elif current != head_revision(url):
+        raise SchemaOutdated(f"the database schema is at revision {current}; run `tasksync migrate`")
+    _checked.add(url)
