@@ -322,7 +322,17 @@ class ActionStore(StoreBase):
                 .values(values)
             )
             if repoll is not None and result.rowcount > 0:
-                # the task changed upstream: poll it at the next cycle
+                # The task changed upstream: poll it at the next cycle. An action queued with
+                # plain SQL for a task nobody tracked starts tracking it, as `enqueue` would.
+                await conn.execute(
+                    self.insert(tasks).on_conflict_do_nothing(),
+                    {
+                        "system": repoll[0],
+                        "task_id": repoll[1],
+                        "first_seen_at": now,
+                        "next_poll_at": now,
+                    },
+                )
                 await conn.execute(
                     tasks.update()
                     .where(tasks.c.system == repoll[0], tasks.c.task_id == repoll[1])
