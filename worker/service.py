@@ -108,7 +108,7 @@ class Pulse:
     busy_since: float | None = None
     last_progress: float = field(default_factory=time.monotonic)
     failures: int = 0  # consecutive database failures, for the backoff
-    interrupted: bool = False  # the last unit of work died mid-way: its leases may remain
+    interrupted: bool = False  # its last unit of work died on the database (read by sync)
 
     def __post_init__(self) -> None:
         self.liveness.register(self.name)
@@ -470,6 +470,7 @@ class Daemon:
         with self._loop("actions") as pulse:
             task_status.started()
             last_pass = blocked_at = -float("inf")
+            cut_short = False  # a pass died on the database: its claims are still ours
             while not self.stop.is_set():
                 self.action_wake.consume()
                 due: datetime | None = None
@@ -489,14 +490,16 @@ class Daemon:
                 if (is_due and mono - blocked_at >= cfg.action_poll_interval) or sweep:
                     claimed = 0
 
-                    async def apply(pulse: Pulse) -> None:
-                        nonlocal claimed
-                        if pulse.interrupted:  # a pass cut short left claims behind
+                    async def apply(_pulse: Pulse) -> None:
+                        nonlocal claimed, cut_short
+                        if cut_short:  # hand them back: retaken now, not when leases expire
                             _, ids = await leased_ids(self.store, self.worker)
                             await self.store.release_actions(self.worker, ids)
+                            cut_short = False
                         claimed = (await self.runner.run_until_idle()).claimed
 
-                    if await self._attempt(pulse, apply):
+                    cut_short = not await self._attempt(pulse, apply)
+                    if not cut_short:
                         last_pass = time.monotonic()
                         if is_due and not claimed:
                             blocked_at = last_pass
