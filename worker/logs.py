@@ -212,6 +212,7 @@ _QUIET: Mapping[str, tuple[int, int]] = {
     "apscheduler": (logging.WARNING, logging.DEBUG),  # one line per job run otherwise
     "aiosqlite": (logging.WARNING, logging.WARNING),  # logs every statement at DEBUG
     "asyncio": (logging.WARNING, logging.DEBUG),
+    "alembic": (logging.WARNING, logging.DEBUG),  # "setup plugin" lines on every start
 }
 
 

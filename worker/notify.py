@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 # A datagram to PID 1 normally goes through at once; the timeout only bounds the pathological case
 # of a full receive queue, so that the event loop is never blocked for long (the message is then
 # dropped and logged, as libsystemd's callers do with its error code).
-_SEND_TIMEOUT = 1.0
 
 
 def _socket_address(value: str) -> str | None:
@@ -58,7 +57,9 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.settimeout(_SEND_TIMEOUT)
+                # Never block the event loop: a full notify queue drops the message instead
+                # (systemd drains its socket promptly; a test that does not read it would not).
+                self._sock.setblocking(False)
             self._sock.sendto(message, self._address)
         except OSError as exc:
             log.debug("sd_notify %s failed: %s", fields[0].partition("=")[0], exc)

@@ -272,8 +272,12 @@ def upgrade() -> None:
         # A freshly queued action wakes the workers at once (LISTEN tasksync_actions).
         op.execute(NOTIFY_FUNCTION)
         op.execute(
+            # Per row, only for rows that become (or stay) pending: a claim (pending -> running)
+            # wakes nobody. PostgreSQL folds identical notifications of one transaction into
+            # one, so a bulk INSERT still sends a single wake-up.
             "CREATE TRIGGER actions_notify AFTER INSERT OR UPDATE OF status, next_attempt_at "
-            "ON actions FOR EACH STATEMENT EXECUTE FUNCTION tasksync_notify_actions()"
+            "ON actions FOR EACH ROW WHEN (NEW.status = 'pending') "
+            "EXECUTE FUNCTION tasksync_notify_actions()"
         )
 
 

@@ -37,7 +37,7 @@ RECONNECT_PAUSE = 0.25  # after a connection that worked was lost: no tight loop
 
 
 def _asyncpg_outages() -> tuple[type[BaseException], ...]:
-    from asyncpg import exceptions as pg  # type: ignore[import-untyped]
+    from asyncpg import exceptions as pg
 
     # class 08 (connection exception), class 57 (admin shutdown, cannot connect now) and the
     # driver's own "the connection is closed"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-
 # The newest revision, known without importing Alembic (it costs a tenth of a second on every
 # command); tests/test_migrations.py checks it against the revisions on disk.
 HEAD_REVISION = "0001"
