@@ -177,8 +177,10 @@ class ActionRunner:
             try:
                 baseline = await self._baseline(action, upstream, params)
             except UpstreamError as exc:
+                # a read that keeps failing (a refused credential, a task that cannot be read)
+                # uses up attempts like a send would, so max_attempts ends it
                 await self._reschedule(
-                    action, None, exc, stats, max_attempts, attempts=action.attempts
+                    action, None, exc, stats, max_attempts, attempts=action.attempts + 1
                 )
                 return
         attempt_id = await self.store.start_attempt(action.id, self.worker, baseline)
@@ -224,7 +226,8 @@ class ActionRunner:
             fetched = await upstream.fetch(action.task_id)
         except UpstreamError as exc:
             max_attempts = action.max_attempts or self.settings.retry.max_attempts
-            if action.attempts >= max_attempts:
+            attempts = action.attempts + 1  # a failed read-back counts, or it could loop forever
+            if attempts >= max_attempts:
                 await self._fail(
                     action,
                     f"outcome unknown after {action.attempts} attempts and the task cannot be read back: {exc}",
@@ -232,7 +235,7 @@ class ActionRunner:
                 )
             else:
                 delay = action_delay(
-                    action.attempts,
+                    attempts,
                     self.settings.retry.base_delay,
                     self.settings.retry.max_delay,
                     exc.retry_after,
@@ -246,6 +249,7 @@ class ActionRunner:
                         "pending",
                         error=f"outcome unknown; read-back failed: {exc}",
                         next_attempt_at=utcnow() + timedelta(seconds=delay),
+                        attempts=attempts,
                     ),
                 )
             return None
@@ -312,6 +316,8 @@ class ActionRunner:
             )
             log.warning("action %s failed: %s", action.id, exc)
             return
+        # without an attempt row (a failed read before sending) the count is stored here
+        counted = attempts if attempt_id is None else None
         outcome = "unknown" if exc.kind is ErrorKind.UNKNOWN else "retry"
         if outcome == "unknown":
             stats.unknown += 1
@@ -325,6 +331,7 @@ class ActionRunner:
                     "failed",
                     error=f"gave up after {attempts} attempts: {exc}",
                     http_status=exc.http_status,
+                    attempts=counted,
                 ),
                 attempt_id,
             )
@@ -349,6 +356,7 @@ class ActionRunner:
                 error=str(exc),
                 http_status=exc.http_status,
                 next_attempt_at=utcnow() + timedelta(seconds=delay),
+                attempts=counted,
             ),
             attempt_id,
         )

@@ -68,13 +68,19 @@ def option_name(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
+def shown(value: object, limit: int = 64) -> str:
+    """A value quoted for an error message, cut short: a row inserted by SQL may hold megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def is_system(name: str) -> TypeGuard[System]:
     return name in SYSTEMS
 
 
 def check_system(system: str) -> System:
     if not is_system(system):
-        raise InvalidInput(f"unknown system {system!r}: expected one of {', '.join(SYSTEMS)}")
+        raise InvalidInput(f"unknown system {shown(system)}: expected one of {', '.join(SYSTEMS)}")
     return system
 
 
@@ -99,7 +105,7 @@ def action_spec(system: str, kind: str) -> ActionSpec:
     spec = ACTIONS.get((sys, kind))
     if spec is None:
         raise InvalidInput(
-            f"unknown {sys} action {kind!r}: expected one of {', '.join(kinds_for(sys))}"
+            f"unknown {sys} action {shown(kind)}: expected one of {', '.join(kinds_for(sys))}"
         )
     return spec
 
@@ -113,7 +119,7 @@ def validate_params(spec: ActionSpec, params: object) -> dict[str, str]:
     if not isinstance(params, Mapping):
         raise InvalidInput(f"params must be a JSON object, not {type(params).__name__}")
     allowed = set(spec.required) | set(spec.optional)
-    unknown = sorted(str(k) for k in params if k not in allowed)
+    unknown = sorted(shown(str(k), 40).strip("'") for k in params if k not in allowed)
     if unknown:
         expected = ", ".join(sorted(allowed)) or "none"
         raise InvalidInput(

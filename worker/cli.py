@@ -159,6 +159,12 @@ def _fail(message: str, code: int) -> int:
 
 def _describe_failure(exc: BaseException) -> tuple[str, int] | None:
     """One line and an exit status for the failures a user can meet; None for a bug."""
+    if isinstance(exc, BaseExceptionGroup):  # a failure inside a task group
+        for inner in exc.exceptions:
+            described = _describe_failure(inner)
+            if described is not None:
+                return described
+        return None
     from worker.store import DatabaseUrlError, WorkerLockError
 
     if isinstance(exc, DatabaseUrlError):

@@ -39,6 +39,7 @@ class Finish:
     http_status: int | None = None
     result: JSON = None
     next_attempt_at: datetime | None = None
+    attempts: int | None = None  # set when a try that sent nothing still counts (a failed read)
 
 
 class ActionStore(StoreBase):
@@ -304,6 +305,8 @@ class ActionStore(StoreBase):
             values["result"] = finish.result
         if finish.next_attempt_at is not None:
             values["next_attempt_at"] = finish.next_attempt_at
+        if finish.attempts is not None:
+            values["attempts"] = finish.attempts
         async with self.engine.begin() as conn:
             if attempt_id is not None:
                 await conn.execute(

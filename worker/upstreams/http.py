@@ -434,6 +434,14 @@ class HttpClient:
             data, is_json = None, False
         if ok and not is_json:
             raise self.malformed(f"answer is empty ({described})", task_id=task_id, write=write)
+        if ok and b"\\u0000" in raw and _holds_nul(data):
+            # PostgreSQL's JSONB (and text) cannot store U+0000: refusing the answer here costs
+            # this task only, where storing it would fail the whole batch it was written with.
+            raise self.malformed(
+                f"answer contains a NUL character (\\u0000), which cannot be stored ({described})",
+                task_id=task_id,
+                write=write,
+            )
         return Answer(status, headers, data, is_json, described)
 
     async def _read(self, response: aiohttp.ClientResponse) -> bytes:
@@ -644,3 +652,20 @@ def reword(
         retry_after=error.retry_after,
         code=error.code,
     )
+
+
+def _holds_nul(value: object) -> bool:
+    """Whether a decoded JSON value has U+0000 in any key or string (the raw-bytes check above
+    only says the escape appears somewhere, perhaps as an escaped backslash)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
