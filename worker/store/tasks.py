@@ -188,7 +188,9 @@ class TaskStore(StoreBase):
         snapshots: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         changed: list[dict[str, Any]] = []
-        unchanged: list[dict[str, Any]] = []
+        # Unchanged rows get the same values per (polled, next poll) -- one or two groups per
+        # batch -- so each group is one set-based UPDATE rather than a row-by-row executemany.
+        unchanged: dict[tuple[datetime, datetime], list[int]] = {}
         failed: list[dict[str, Any]] = []
         for r in results:
             t = r.task
@@ -244,7 +246,7 @@ class TaskStore(StoreBase):
                     }
                 )
             else:
-                unchanged.append({"b_id": t.id, "b_polled": r.polled_at, "b_next": r.next_poll_at})
+                unchanged.setdefault((r.polled_at, r.next_poll_at), []).append(t.id)
         b = sa.bindparam
         mine = sa.and_(tasks.c.id == b("b_id"), tasks.c.lease_owner == worker)
         release = {"lease_owner": None, "lease_until": None}
@@ -273,19 +275,18 @@ class TaskStore(StoreBase):
                     ),
                     changed,
                 )
-            if unchanged:
+            for (polled, next_poll), ids in unchanged.items():
                 await conn.execute(
                     tasks.update()
-                    .where(mine)
+                    .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker)
                     .values(
-                        last_polled_at=b("b_polled"),
-                        next_poll_at=b("b_next"),
+                        last_polled_at=polled,
+                        next_poll_at=next_poll,
                         last_error=None,
                         consecutive_failures=0,
                         not_found=False,
                         **release,
-                    ),
-                    unchanged,
+                    )
                 )
             if failed:
                 await conn.execute(
