@@ -184,7 +184,31 @@ class TaskStore(StoreBase):
 
     async def write_results(self, worker: str, results: Sequence[PollResult]) -> None:
         """Write one batch of poll results in one transaction: snapshots and events (which
-        do nothing on conflict, so a repeated or raced cycle adds nothing) and task rows."""
+        do nothing on conflict, so a repeated or raced cycle adds nothing) and task rows.
+
+        A result is written only while this worker still holds the task's lease: a worker that
+        was frozen past its lease must not store a snapshot over the one of the worker that
+        took the task over (its older content would take the next sequence number)."""
+        async with self.engine.begin() as conn:
+            owned = await self._still_owned(conn, worker, [r.task for r in results if r.changed])
+            await self._write(
+                conn, worker, [r for r in results if not r.changed or r.task.id in owned]
+            )
+
+    async def _still_owned(
+        self, conn: Any, worker: str, claimed: Sequence[ClaimedTask]
+    ) -> set[int]:
+        if not claimed:
+            return set()
+        query = sa.select(tasks.c.id, tasks.c.snapshot_seq).where(
+            tasks.c.id.in_([t.id for t in claimed]), tasks.c.lease_owner == worker
+        )
+        if self.is_postgres:
+            query = query.with_for_update()  # held until the rows are written
+        seqs = {row[0]: row[1] for row in (await conn.execute(query)).all()}
+        return {t.id for t in claimed if seqs.get(t.id) == t.snapshot_seq}
+
+    async def _write(self, conn: Any, worker: str, results: Sequence[PollResult]) -> None:
         snapshots: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         changed: list[dict[str, Any]] = []
@@ -250,58 +274,57 @@ class TaskStore(StoreBase):
         b = sa.bindparam
         mine = sa.and_(tasks.c.id == b("b_id"), tasks.c.lease_owner == worker)
         release = {"lease_owner": None, "lease_until": None}
-        async with self.engine.begin() as conn:
-            if snapshots:
-                await conn.execute(self.insert(task_snapshots).on_conflict_do_nothing(), snapshots)
-            if events:
-                await conn.execute(self.insert(task_events).on_conflict_do_nothing(), events)
-            if changed:
-                await conn.execute(
-                    tasks.update()
-                    .where(mine)
-                    .values(
-                        status=b("b_status"),
-                        state=b("b_state"),
-                        title=b("b_title"),
-                        content_hash=b("b_hash"),
-                        snapshot_seq=b("b_seq"),
-                        last_polled_at=b("b_polled"),
-                        last_changed_at=b("b_changed"),
-                        next_poll_at=b("b_next"),
-                        last_error=None,
-                        consecutive_failures=0,
-                        not_found=False,
-                        **release,
-                    ),
-                    changed,
+        if snapshots:
+            await conn.execute(self.insert(task_snapshots).on_conflict_do_nothing(), snapshots)
+        if events:
+            await conn.execute(self.insert(task_events).on_conflict_do_nothing(), events)
+        if changed:
+            await conn.execute(
+                tasks.update()
+                .where(mine)
+                .values(
+                    status=b("b_status"),
+                    state=b("b_state"),
+                    title=b("b_title"),
+                    content_hash=b("b_hash"),
+                    snapshot_seq=b("b_seq"),
+                    last_polled_at=b("b_polled"),
+                    last_changed_at=b("b_changed"),
+                    next_poll_at=b("b_next"),
+                    last_error=None,
+                    consecutive_failures=0,
+                    not_found=False,
+                    **release,
+                ),
+                changed,
+            )
+        for (polled, next_poll), ids in unchanged.items():
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker)
+                .values(
+                    last_polled_at=polled,
+                    next_poll_at=next_poll,
+                    last_error=None,
+                    consecutive_failures=0,
+                    not_found=False,
+                    **release,
                 )
-            for (polled, next_poll), ids in unchanged.items():
-                await conn.execute(
-                    tasks.update()
-                    .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker)
-                    .values(
-                        last_polled_at=polled,
-                        next_poll_at=next_poll,
-                        last_error=None,
-                        consecutive_failures=0,
-                        not_found=False,
-                        **release,
-                    )
-                )
-            if failed:
-                await conn.execute(
-                    tasks.update()
-                    .where(mine)
-                    .values(
-                        last_polled_at=b("b_polled"),
-                        next_poll_at=b("b_next"),
-                        last_error=b("b_error"),
-                        consecutive_failures=b("b_failures"),
-                        not_found=b("b_not_found"),
-                        **release,
-                    ),
-                    failed,
-                )
+            )
+        if failed:
+            await conn.execute(
+                tasks.update()
+                .where(mine)
+                .values(
+                    last_polled_at=b("b_polled"),
+                    next_poll_at=b("b_next"),
+                    last_error=b("b_error"),
+                    consecutive_failures=b("b_failures"),
+                    not_found=b("b_not_found"),
+                    **release,
+                ),
+                failed,
+            )
 
     async def renew_task_leases(self, worker: str, ids: Sequence[int], lease: float) -> None:
         if not ids:
