@@ -77,6 +77,8 @@ def summarize(n: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
         "baseline_per_s": n / best_b,
         "ratio": best_b / best_t,
         "cycle_ratio": best_loop / best_cycle,
+        # CPU seconds of the two processes: far steadier than wall time on a shared machine
+        "cpu_ratio": cpu_ratio(samples),
         "snapshots_written": samples[-1]["snapshots_written"],
         "events_written": samples[-1]["events_written"],
         "failed": max(s["failed"] for s in samples),
@@ -85,6 +87,12 @@ def summarize(n: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 CONCURRENCY = 64
+
+
+def cpu_ratio(samples: list[dict[str, Any]]) -> float:
+    return float(
+        min(s["baseline_cpu_s"] for s in samples) / min(s["tasksync_cpu_s"] for s in samples)
+    )
 
 
 def run(
@@ -130,6 +138,7 @@ def report(result: dict[str, Any]) -> str:
                     r["baseline_per_s"],
                     f"{r['ratio']:.2f}",
                     f"{r['cycle_ratio']:.2f}",
+                    f"{cpu_ratio(r['samples']):.2f}",
                     f"{r['snapshots_written']} / {r['expected_snapshots']}",
                     r["events_written"],
                     r["failed"],
@@ -144,6 +153,7 @@ def report(result: dict[str, Any]) -> str:
             "baseline tasks/s",
             "ratio",
             "cycle ratio",
+            "CPU ratio",
             "snapshots (got / expected)",
             "events",
             "failed",
