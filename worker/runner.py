@@ -60,7 +60,10 @@ def register_secrets(loaded: LoadedConfig) -> None:
 async def with_worker(
     loaded: LoadedConfig, fn: Callable[[Store, dict[System, Upstream], str], Awaitable[T]]
 ) -> T:
-    store = Store.open(loaded.settings.database.url, pool_size=4)
+    # enough connections that `concurrency` requests in flight do not queue for one
+    store = Store.open(
+        loaded.settings.database.url, pool_size=min(loaded.settings.worker.concurrency, 10)
+    )
     upstreams = build_upstreams(loaded.settings)
     try:
         return await fn(store, upstreams, worker_name())

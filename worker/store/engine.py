@@ -62,7 +62,10 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             raise DatabaseUrlError(f"database.url: directory {path.parent} does not exist")
         kwargs["connect_args"] = {"timeout": 30}
     else:
-        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        # No pre-ping: it would add a round trip to every transaction of the hot path. A
+        # connection the server dropped fails its first statement instead; SQLAlchemy then
+        # invalidates the pool and the loops retry (service.py backs off on database outages).
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
         # asyncpg's statement cache is per connection; keep it (prepared statements are the
         # cheap path for our batch statements)
         kwargs["connect_args"] = {"server_settings": {"application_name": "tasksync"}}
