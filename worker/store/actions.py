@@ -327,19 +327,13 @@ class ActionStore(StoreBase):
             if repoll is not None and result.rowcount > 0:
                 # The task changed upstream: poll it at the next cycle. An action queued with
                 # plain SQL for a task nobody tracked starts tracking it, as `enqueue` would.
-                await conn.execute(
-                    self.insert(tasks).on_conflict_do_nothing(),
-                    {
-                        "system": repoll[0],
-                        "task_id": repoll[1],
-                        "first_seen_at": now,
-                        "next_poll_at": now,
-                    },
+                upsert = self.insert(tasks).values(
+                    system=repoll[0], task_id=repoll[1], first_seen_at=now, next_poll_at=now
                 )
                 await conn.execute(
-                    tasks.update()
-                    .where(tasks.c.system == repoll[0], tasks.c.task_id == repoll[1])
-                    .values(next_poll_at=now)
+                    upsert.on_conflict_do_update(
+                        index_elements=["system", "task_id"], set_={"next_poll_at": now}
+                    )
                 )
         return result.rowcount > 0
 

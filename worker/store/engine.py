@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -69,6 +71,10 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         # asyncpg's statement cache is per connection; keep it (prepared statements are the
         # cheap path for our batch statements)
         kwargs["connect_args"] = {"server_settings": {"application_name": "tasksync"}}
+    # orjson for the JSON columns: about 8x faster than the json module on payload-sized
+    # documents, and every snapshot and event goes through it.
+    kwargs["json_serializer"] = _dumps
+    kwargs["json_deserializer"] = orjson.loads
     engine = create_async_engine(target, **kwargs)
     if target.get_backend_name() == "sqlite":
         _configure_sqlite(engine)
@@ -91,6 +97,13 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     @sa.event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: sa.Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits in an upstream payload
+        return json.dumps(value, ensure_ascii=False)
 
 
 class WorkerLockError(RuntimeError):
