@@ -358,18 +358,23 @@ async def enqueue_sql(store: Store, database: Database, batch: list[Planned]) ->
     statement = sa.text(
         f"INSERT INTO actions (system, task_id, kind, params) VALUES (:s, :t, :k, {cast})"
     )
+    rows = [
+        {"s": p.system, "t": p.task_id, "k": p.kind, "p": orjson.dumps(p.params).decode()}
+        for p in batch
+    ]
     with anyio.fail_after(40):
-        async with store.engine.begin() as conn:
-            for planned in batch:
-                await conn.execute(
-                    statement,
-                    {
-                        "s": planned.system,
-                        "t": planned.task_id,
-                        "k": planned.kind,
-                        "p": orjson.dumps(planned.params).decode(),
-                    },
-                )
+        while True:
+            try:
+                async with store.engine.begin() as conn:
+                    for row in rows:
+                        await conn.execute(statement, row)
+                return
+            except sa.exc.DBAPIError as exc:
+                # the server was restarted under a pooled connection (like any SQL client
+                # would, the test side retries; the transaction was rolled back as a whole)
+                if not exc.connection_invalidated:
+                    raise
+                await anyio.sleep(0.2)
 
 
 async def enqueue_cli(cmd: list[str], env: dict[str, str], planned: Planned, key: str) -> int:

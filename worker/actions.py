@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 import orjson
+from anyio.abc import TaskGroup
 
 from worker.backoff import action_delay
 from worker.catalog import InvalidInput, validate_action
@@ -48,6 +49,16 @@ def _crash_point(name: str) -> None:
 
 
 ADDITIVE = frozenset({"process", "comment"})  # effect = one more matching item
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A validated action and what sending it needs."""
+
+    action: ClaimedAction
+    params: dict[str, str]
+    upstream: Upstream
+    max_attempts: int
 
 
 @dataclass
@@ -94,10 +105,10 @@ class ActionRunner:
                     claimed = await self.store.claim_actions(
                         self.worker, limit=free, lease=self.settings.worker.lease
                     )
-                for action in claimed:
-                    self.in_flight.add(action.id)
-                    stats.claimed += 1
-                    tg.start_soon(self._guarded, action, stats)
+                if claimed:
+                    self.in_flight.update(a.id for a in claimed)
+                    stats.claimed += len(claimed)
+                    tg.start_soon(self._guarded_batch, claimed, stats, tg)
                 if claimed and len(self.in_flight) < slots:
                     continue  # there may be more due right now
                 if seen != self._completions:
@@ -129,6 +140,139 @@ class ActionRunner:
             self.in_flight.discard(action.id)
             self._completions += 1
             self._wake.set()
+
+    async def _guarded_batch(
+        self, batch: list[ClaimedAction], stats: ApplyStats, tg: TaskGroup
+    ) -> None:
+        handed_off: set[int] = set()
+        try:
+            await self.process_batch(batch, stats, tg, handed_off)
+        except Exception:
+            # as in _guarded: leases expire, attempts without outcome are verified first
+            log.exception(
+                "a batch of %s actions was interrupted; it will be taken over", len(batch)
+            )
+        finally:
+            self.in_flight.difference_update(a.id for a in batch if a.id not in handed_off)
+            self._completions += 1
+            self._wake.set()
+
+    async def process_batch(
+        self, batch: list[ClaimedAction], stats: ApplyStats, tg: TaskGroup, handed_off: set[int]
+    ) -> None:
+        """The common path, one transaction per step for the whole claimed set: validate,
+        baselines, record every attempt, send them all, record every outcome. An action that
+        needs a read-back first (unknown outcome, or a worker that died mid-call) takes the
+        one-at-a-time path instead."""
+        finishes: list[tuple[int, Finish, int | None, tuple[str, str] | None]] = []
+        ready: list[_Ready] = []
+        for action in batch:
+            if action.last_outcome in (None, "unknown"):
+                handed_off.add(action.id)
+                tg.start_soon(self._guarded, action, stats)
+                continue
+            prepared = self._prepare(action)
+            if isinstance(prepared, str):
+                stats.failed += 1
+                log.warning("action %s failed: %s", action.id, prepared)
+                finishes.append((action.id, Finish("failed", "failed", error=prepared), None, None))
+            else:
+                ready.append(prepared)
+        baselines = await self._baselines(ready, finishes, stats)
+        attempt_ids = await self.store.start_attempts(self.worker, baselines)
+        _crash_point("after-attempt")
+        sending = [r for r in ready if r.action.id in attempt_ids]
+        for r in ready:
+            if r.action.id in baselines and r.action.id not in attempt_ids:
+                log.warning("lost the lease on action %s before sending", r.action.id)
+
+        async def send(r: _Ready) -> None:
+            action = r.action
+            attempt_id = attempt_ids[action.id]
+            with log_context(system=action.system, task=action.task_id, action=str(action.id)):
+                try:
+                    answer = await r.upstream.apply(action.task_id, action.kind, r.params)
+                except UpstreamError as exc:
+                    finish = self._decide(
+                        action, exc, stats, r.max_attempts, action.attempts + 1, attempt_id
+                    )
+                    finishes.append((action.id, finish, attempt_id, None))
+                    return
+            stats.succeeded += 1
+            finish = Finish("succeeded", "succeeded", result=_jsonable(answer), http_status=200)
+            finishes.append((action.id, finish, attempt_id, (action.system, action.task_id)))
+
+        async with anyio.create_task_group() as senders:
+            for r in sending:
+                senders.start_soon(send, r)
+        _crash_point("after-answer")
+        await self.store.finish_many(self.worker, finishes)
+
+    def _prepare(self, action: ClaimedAction) -> _Ready | str:
+        """Validate a claimed action; the reason it fails, or what sending it needs."""
+        try:
+            spec, params = validate_action(
+                action.system, action.kind, _decode_params(action.params_text)
+            )
+        except InvalidInput as exc:
+            return f"invalid action: {exc}"
+        upstream = self.upstreams.get(spec.system)
+        if upstream is None:
+            return f"{spec.system} is not configured (no [systems.{spec.system}] section)"
+        max_attempts = action.max_attempts or self.settings.retry.max_attempts
+        if action.attempts >= max_attempts:
+            return f"gave up after {action.attempts} attempts"
+        return _Ready(action, params, upstream, max_attempts)
+
+    async def _baselines(
+        self,
+        ready: list[_Ready],
+        finishes: list[tuple[int, Finish, int | None, tuple[str, str] | None]],
+        stats: ApplyStats,
+    ) -> dict[int, int | None]:
+        """The baseline of every ready action (see the module docstring), from the stored
+        snapshots in one query; a task never synced is read from the upstream."""
+        out: dict[int, int | None] = {}
+        unknown = [r for r in ready if r.action.baseline is None and r.action.kind in ADDITIVE]
+        inputs = await self.store.baseline_inputs_many(
+            [(r.action.system, r.action.task_id) for r in unknown]
+        )
+        to_read: list[_Ready] = []
+        for r in ready:
+            action = r.action
+            if action.baseline is not None or action.kind not in ADDITIVE:
+                out[action.id] = action.baseline if action.baseline is not None else 0
+                continue
+            found = inputs.get((action.system, action.task_id))
+            if found is None or not isinstance(found[1], Mapping):
+                to_read.append(r)
+                continue
+            _, payload, done = found
+            seen = effect_count(action.kind, r.params, r.upstream.observe(payload))
+            out[action.id] = seen + sum(
+                1 for kind, p, _ in done if kind == action.kind and _same_effect(kind, p, r.params)
+            )
+
+        async def read(r: _Ready) -> None:
+            try:
+                fetched = await r.upstream.fetch(r.action.task_id)
+            except UpstreamError as exc:
+                attempts = r.action.attempts + 1  # a failed read uses up an attempt
+                finishes.append(
+                    (
+                        r.action.id,
+                        self._decide(r.action, exc, stats, r.max_attempts, attempts, None),
+                        None,
+                        None,
+                    )
+                )
+                return
+            out[r.action.id] = effect_count(r.action.kind, r.params, fetched.observation)
+
+        async with anyio.create_task_group() as readers:
+            for r in to_read:
+                readers.start_soon(read, r)
+        return out
 
     async def _renew_leases(self) -> None:
         interval = max(self.settings.worker.lease / 3, 0.5)
@@ -306,37 +450,40 @@ class ActionRunner:
         *,
         attempts: int,
     ) -> None:
-        if exc.kind in (ErrorKind.PERMANENT, ErrorKind.NOT_FOUND):
-            stats.failed += 1
-            await self.store.finish(
-                action.id,
-                self.worker,
-                Finish("failed", "failed", error=str(exc), http_status=exc.http_status),
-                attempt_id,
-            )
-            log.warning("action %s failed: %s", action.id, exc)
-            return
+        finish = self._decide(action, exc, stats, max_attempts, attempts, attempt_id)
+        await self.store.finish(action.id, self.worker, finish, attempt_id)
+
+    def _decide(
+        self,
+        action: ClaimedAction,
+        exc: UpstreamError,
+        stats: ApplyStats,
+        max_attempts: int,
+        attempts: int,
+        attempt_id: int | None,
+    ) -> Finish:
+        """What a failed attempt (or a failed read before one) makes of the action."""
         # without an attempt row (a failed read before sending) the count is stored here
         counted = attempts if attempt_id is None else None
+        if exc.kind in (ErrorKind.PERMANENT, ErrorKind.NOT_FOUND):
+            stats.failed += 1
+            log.warning("action %s failed: %s", action.id, exc)
+            return Finish(
+                "failed", "failed", error=str(exc), http_status=exc.http_status, attempts=counted
+            )
         outcome = "unknown" if exc.kind is ErrorKind.UNKNOWN else "retry"
         if outcome == "unknown":
             stats.unknown += 1
         if outcome == "retry" and attempts >= max_attempts:
             stats.failed += 1
-            await self.store.finish(
-                action.id,
-                self.worker,
-                Finish(
-                    "retry",
-                    "failed",
-                    error=f"gave up after {attempts} attempts: {exc}",
-                    http_status=exc.http_status,
-                    attempts=counted,
-                ),
-                attempt_id,
-            )
             log.warning("action %s failed after %s attempts: %s", action.id, attempts, exc)
-            return
+            return Finish(
+                "retry",
+                "failed",
+                error=f"gave up after {attempts} attempts: {exc}",
+                http_status=exc.http_status,
+                attempts=counted,
+            )
         # An unknown outcome is always followed by a read-back (even past max_attempts): the
         # action may have taken effect, and failing it blindly would misreport it.
         delay = action_delay(
@@ -347,20 +494,15 @@ class ActionRunner:
             self.rng,
         )
         stats.retried += 1
-        await self.store.finish(
-            action.id,
-            self.worker,
-            Finish(
-                outcome,
-                "pending",
-                error=str(exc),
-                http_status=exc.http_status,
-                next_attempt_at=utcnow() + timedelta(seconds=delay),
-                attempts=counted,
-            ),
-            attempt_id,
-        )
         log.info("action %s: %s; next attempt in %.1fs", action.id, exc, delay)
+        return Finish(
+            outcome,
+            "pending",
+            error=str(exc),
+            http_status=exc.http_status,
+            next_attempt_at=utcnow() + timedelta(seconds=delay),
+            attempts=counted,
+        )
 
     async def _fail(self, action: ClaimedAction, reason: str, stats: ApplyStats) -> None:
         stats.failed += 1

@@ -423,3 +423,209 @@ def _action_columns() -> sa.Select[Any]:
         actions.c.updated_at,
         actions.c.finished_at,
     )
+
+
+class ActionBatchStore(StoreBase):
+    """The same steps as ActionStore, one transaction for a whole claimed set: the action
+    runner's common path, where one statement per action would cost more than the request."""
+
+    async def baseline_inputs_many(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[datetime, JSON, list[tuple[str, Any, datetime | None]]]]:
+        """For each (system, task_id) that has a snapshot: its newest snapshot's time and
+        payload, and (kind, params, finished_at) of the comments/processes that succeeded on it
+        since. Tasks without a snapshot are absent."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        pair = sa.tuple_(tasks.c.system, tasks.c.task_id)
+        snapshots = (
+            sa.select(
+                task_snapshots.c.system,
+                task_snapshots.c.task_id,
+                task_snapshots.c.fetched_at,
+                task_snapshots.c.payload,
+            )
+            .join(
+                tasks,
+                sa.and_(
+                    tasks.c.system == task_snapshots.c.system,
+                    tasks.c.task_id == task_snapshots.c.task_id,
+                    tasks.c.snapshot_seq == task_snapshots.c.seq,
+                ),
+            )
+            .where(pair.in_(wanted))
+        )
+        done = sa.select(
+            actions.c.system,
+            actions.c.task_id,
+            actions.c.kind,
+            actions.c.params,
+            actions.c.finished_at,
+        ).where(
+            sa.tuple_(actions.c.system, actions.c.task_id).in_(wanted),
+            actions.c.status == "succeeded",
+            actions.c.kind.in_(("comment", "process")),
+        )
+        out: dict[
+            tuple[str, str], tuple[datetime, JSON, list[tuple[str, Any, datetime | None]]]
+        ] = {}
+        async with self.engine.connect() as conn:
+            for system, task_id, fetched_at, payload in (await conn.execute(snapshots)).all():
+                out[(system, task_id)] = (fetched_at, payload, [])
+            for system, task_id, kind, params, finished_at in (await conn.execute(done)).all():
+                entry = out.get((system, task_id))
+                if entry is not None and finished_at is not None and finished_at >= entry[0]:
+                    entry[2].append((kind, params, finished_at))
+        return out
+
+    async def start_attempts(
+        self, worker: str, baselines: Mapping[int, int | None], now: datetime | None = None
+    ) -> dict[int, int]:
+        """Record one attempt per action before anything is sent, in one transaction.
+        Returns action id -> attempt id for the actions whose lease this worker still holds."""
+        now = now or utcnow()
+        ids = list(baselines)
+        if not ids:
+            return {}
+        async with self.engine.begin() as conn:
+            with_baseline = [
+                {"b_id": i, "b_base": b} for i, b in baselines.items() if b is not None
+            ]
+            if with_baseline:
+                await conn.execute(
+                    actions.update()
+                    .where(actions.c.id == sa.bindparam("b_id"))
+                    .values(baseline=sa.func.coalesce(actions.c.baseline, sa.bindparam("b_base"))),
+                    with_baseline,
+                )
+            owned = (
+                (
+                    await conn.execute(
+                        actions.update()
+                        .where(
+                            actions.c.id.in_(ids),
+                            actions.c.lease_owner == worker,
+                            actions.c.status == "running",
+                        )
+                        .values(attempts=actions.c.attempts + 1, updated_at=now)
+                        .returning(actions.c.id)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if not owned:
+                return {}
+            rows = (
+                await conn.execute(
+                    action_attempts.insert().returning(
+                        action_attempts.c.action_id,
+                        action_attempts.c.id,
+                        sort_by_parameter_order=True,
+                    ),
+                    [{"action_id": i, "started_at": now, "worker": worker} for i in owned],
+                )
+            ).all()
+        return {int(action_id): int(attempt_id) for action_id, attempt_id in rows}
+
+    async def finish_many(
+        self,
+        worker: str,
+        items: Sequence[tuple[int, Finish, int | None, tuple[str, str] | None]],
+        now: datetime | None = None,
+    ) -> None:
+        """Record many outcomes in one transaction: (action id, finish, attempt id, re-poll)."""
+        if not items:
+            return
+        now = now or utcnow()
+        b = sa.bindparam
+        attempts = [
+            {"b_aid": aid, "b_out": f.outcome, "b_http": f.http_status, "b_err": f.error}
+            for _, f, aid, _ in items
+            if aid is not None
+        ]
+        common = {"updated_at": now, "lease_owner": None, "lease_until": None}
+        mine = sa.and_(actions.c.id == b("b_id"), actions.c.lease_owner == worker)
+        succeeded = [
+            {"b_id": i, "b_result": f.result} for i, f, _, _ in items if f.status == "succeeded"
+        ]
+        pending = [
+            {"b_id": i, "b_err": f.error, "b_next": f.next_attempt_at or now, "b_n": f.attempts}
+            for i, f, _, _ in items
+            if f.status == "pending"
+        ]
+        failed = [
+            {"b_id": i, "b_err": f.error, "b_n": f.attempts}
+            for i, f, _, _ in items
+            if f.status == "failed"
+        ]
+        # a try that sent nothing (a failed read) still counts: Finish.attempts, when set
+        counted = sa.func.coalesce(b("b_n", type_=sa.Integer()), actions.c.attempts)
+        repoll = [
+            {"system": r[0], "task_id": r[1], "first_seen_at": now, "next_poll_at": now}
+            for _, f, _, r in items
+            if r is not None and f.status == "succeeded"
+        ]
+        async with self.engine.begin() as conn:
+            if attempts:
+                await conn.execute(
+                    action_attempts.update()
+                    .where(action_attempts.c.id == b("b_aid"))
+                    .values(
+                        outcome=b("b_out"),
+                        finished_at=now,
+                        http_status=b("b_http"),
+                        error=b("b_err"),
+                    ),
+                    attempts,
+                )
+            if succeeded:
+                await conn.execute(
+                    actions.update()
+                    .where(mine)
+                    .values(
+                        status="succeeded",
+                        result=b("b_result", type_=actions.c.result.type),
+                        last_error=None,
+                        finished_at=now,
+                        **common,
+                    ),
+                    succeeded,
+                )
+            if pending:
+                await conn.execute(
+                    actions.update()
+                    .where(mine)
+                    .values(
+                        status="pending",
+                        attempts=counted,
+                        last_error=b("b_err"),
+                        next_attempt_at=b("b_next", type_=actions.c.next_attempt_at.type),
+                        finished_at=None,
+                        **common,
+                    ),
+                    pending,
+                )
+            if failed:
+                await conn.execute(
+                    actions.update()
+                    .where(mine)
+                    .values(
+                        status="failed",
+                        attempts=counted,
+                        last_error=b("b_err"),
+                        finished_at=now,
+                        **common,
+                    ),
+                    failed,
+                )
+            if repoll:
+                upsert = self.insert(tasks)
+                await conn.execute(
+                    upsert.on_conflict_do_update(
+                        index_elements=["system", "task_id"],
+                        set_={"next_poll_at": upsert.excluded.next_poll_at},
+                    ),
+                    repoll,
+                )
