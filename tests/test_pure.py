@@ -108,9 +108,10 @@ def test_action_delay_is_capped_and_non_negative(attempt: int, base: float, cap:
     assert 0 <= delay <= cap
 
 
-def test_retry_after_is_a_floor_but_capped() -> None:
+def test_retry_after_is_a_floor_even_past_the_cap() -> None:
     assert action_delay(1, 0.01, 600, retry_after=30, rng=random.Random(1)) >= 30
-    assert action_delay(1, 0.01, 10, retry_after=30, rng=random.Random(1)) <= 10
+    assert action_delay(1, 0.01, 10, retry_after=30, rng=random.Random(1)) >= 30
+    assert action_delay(1, 0.01, 10, retry_after=10**9, rng=random.Random(1)) == 86_400
 
 
 def test_poll_delay_grows_and_is_capped() -> None:

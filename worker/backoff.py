@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+RETRY_AFTER_LIMIT = 86_400.0  # a Retry-After further out than a day is taken as a day
+
 
 def action_delay(
     attempt: int,
@@ -15,12 +17,13 @@ def action_delay(
     """Seconds before the next attempt after `attempt` attempts (1 = the first failed).
 
     Full jitter (uniform in [0, min(cap, base * 2**(attempt-1))]) spreads retries of many
-    actions that failed together. An upstream's Retry-After is a floor, still capped.
+    actions that failed together. An upstream's Retry-After is a floor.
     """
     ceiling = min(cap, base * 2.0 ** max(0, min(attempt - 1, 60)))
     delay = (rng or random).uniform(0, ceiling)
     if retry_after is not None:
-        delay = max(delay, min(retry_after, cap))
+        # the server said when: never earlier, even past our own cap (bounded to a day)
+        delay = max(delay, min(retry_after, RETRY_AFTER_LIMIT))
     return delay
 
 

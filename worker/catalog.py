@@ -134,7 +134,7 @@ def validate_params(spec: ActionSpec, params: object) -> dict[str, str]:
             continue
         if not isinstance(value, str):
             raise InvalidInput(f"{name} must be a string, not {type(value).__name__}")
-        if name in spec.required and not value.strip():
+        if not value.strip():  # an empty optional value would reach the upstream as blank
             raise InvalidInput(f"{name} ({option_name(name)}) must not be empty")
         limit = spec.max_lengths.get(name)
         if limit is not None and len(value) > limit:

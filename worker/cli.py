@@ -145,11 +145,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"tasksync: configuration error: {exc}", EX_CONFIG)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`tasksync actions | head -1`): not an error of ours
+        _silence_stdout()
+        return 0
     except Exception as exc:  # the last line of defence: one line, no traceback
         described = _describe_failure(exc)
         if described is None:
             raise
         return _fail(f"tasksync: {described[0]}", described[1])
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _fail(message: str, code: int) -> int:

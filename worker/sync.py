@@ -281,7 +281,6 @@ class SyncCycle:
         result.status = observation.status
         result.state = str(observation.state)
         result.title = observation.title
-        result.changed_at = observation.changed_at or now
         result.events = diff(before, observation, task.snapshot_seq + 1)
         return result
 

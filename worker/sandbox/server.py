@@ -291,17 +291,30 @@ def serve(
     gc.freeze()
     try:
         anyio.run(_serve, sandbox, write_config)
+    except ConfigWriteError as exc:
+        print(
+            f"tasksync sandbox: cannot write the configuration to {write_config}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as exc:
         print(f"tasksync sandbox: cannot serve on {HOST}:{port}: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
+class ConfigWriteError(Exception):
+    """--write-config could not be written (the file, not the socket, is the problem)."""
+
+
 async def _serve(sandbox: Sandbox, write_config: str | None) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with sandbox:
             if write_config:
-                write_private(write_config, sandbox.config_toml())
+                try:
+                    write_private(write_config, sandbox.config_toml())
+                except OSError as exc:
+                    raise ConfigWriteError(exc.strerror or str(exc)) from None
             else:
                 sys.stdout.write(sandbox.config_toml())
                 sys.stdout.flush()

@@ -37,7 +37,6 @@ class PollResult:
     status: str | None = None
     state: str | None = None
     title: str | None = None
-    changed_at: datetime | None = None
     events: list[Event] = field(default_factory=list)
     # set when the poll failed:
     error: str | None = None
@@ -265,7 +264,9 @@ class TaskStore(StoreBase):
                         "b_hash": r.content_hash,
                         "b_seq": seq,
                         "b_polled": r.polled_at,
-                        "b_changed": r.changed_at or r.polled_at,
+                        # when tasksync saw the change; the upstream's own update time
+                        # stays in the payload (and in the events' occurred_at)
+                        "b_changed": r.polled_at,
                         "b_next": r.next_poll_at,
                     }
                 )
