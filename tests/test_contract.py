@@ -1318,15 +1318,17 @@ def test_plain_sync_polls_only_due_tasks_and_all_polls_everything(
         tmp_path, sim, f"sqlite:///{tmp_path / 's.db'}", worker='poll_interval = "2s"\n'
     )
     ws.ok("track", "koodrive", *sorted(sim.koodrive))
-    ws.ok("discover", "--quiet", "aicc")  # only the systems named
+    listed = ws.ok("discover", "aicc")  # only the systems named
     assert {r["system"] for r in ws.q("SELECT system FROM tasks")} == {"aicc", "koodrive"}
     n = len(sim.koodrive) + len(AICC_IDS)
 
     def details() -> int:
         return len(sim.requests("GET", "/koodrive/")) + len(sim.requests("GET", AICC_PREFIX))
 
-    ws.ok("sync", "--quiet")
+    polled = ws.ok("sync")
     assert details() == n
+    for out in (listed.stdout, polled.stdout):  # stdout is not a terminal: no progress bar
+        assert out.strip() and "\r" not in out and "\x1b" not in out, repr(out)
     ws.ok("sync", "--quiet")  # nothing is due yet: nothing is fetched
     assert details() == n
     ws.ok("sync", "--all", "--quiet", "koodrive")  # --all: every tracked task of that system
