@@ -84,9 +84,18 @@ def check_system(system: str) -> System:
     return system
 
 
+def check_utf8(name: str, value: str) -> None:
+    """Arguments that were not UTF-8 arrive as lone surrogates: refuse them by name."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{name} is not valid UTF-8 text") from None
+
+
 def check_task_id(task_id: object) -> str:
     if not isinstance(task_id, str) or not task_id.strip():
         raise InvalidInput("task id must be a non-empty string")
+    check_utf8("task id", task_id)
     if len(task_id) > MAX_TASK_ID:
         raise InvalidInput(f"task id is {len(task_id)} characters long; at most {MAX_TASK_ID}")
     if any(ord(c) < 32 or ord(c) == 127 for c in task_id):
@@ -143,6 +152,7 @@ def validate_params(spec: ActionSpec, params: object) -> dict[str, str]:
             )
         if "\x00" in value:
             raise InvalidInput(f"{name} contains a NUL character")
+        check_utf8(f"{name} ({option_name(name)})", value)
         out[name] = value
     return out
 

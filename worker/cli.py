@@ -261,9 +261,9 @@ def _parse_id(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise InvalidInput(f"action id must be a whole number, not {text!r}") from None
-    if value <= 0:
-        raise InvalidInput(f"action id must be positive, not {value}")
+        raise InvalidInput(f"action id must be a whole number, not {text[:32]!r}") from None
+    if not 0 < value < 2**63:
+        raise InvalidInput(f"action id {text[:32]!r} is out of range (1 to 2^63-1)")
     return value
 
 
@@ -273,10 +273,11 @@ def _parse_id(text: str) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from worker.store import redact_url
-    from worker.store.migrate import upgrade
+    from worker.store.migrate import check_not_newer, upgrade
 
     loaded = _config(args)
     url = loaded.settings.database.url
+    check_not_newer(url)
     revision = upgrade(url)
     print(f"database {redact_url(url)} is at revision {revision}")
     return 0
@@ -573,6 +574,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--port {args.port}: expected 0 to 65535")
     if args.seed_tasks < 0:
         raise InvalidInput("--seed-tasks must be zero or more")
+    if args.mutate_every is not None and not 0 < args.mutate_every < float("inf"):
+        raise InvalidInput("--mutate-every must be a positive number of seconds")
     try:
         return serve(
             port=args.port,

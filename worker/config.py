@@ -35,6 +35,7 @@ DEFAULT_PATHS = (Path("tasksync.toml"), Path("/etc/tasksync/tasksync.toml"))
 EX_CONFIG = 78
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+MAX_DURATION = 10 * 365 * 86400.0  # beyond this, timestamps computed from it overflow
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -67,6 +68,8 @@ def parse_duration(value: object) -> float:
         raise ValueError('expected a duration such as 30, "90s", "5m" or "1h"')
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
         raise ValueError("a duration must be a finite number of seconds, zero or more")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{value!r} is longer than ten years, the longest duration accepted")
     return seconds
 
 
@@ -325,6 +328,10 @@ def load_config(
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         _mark_origin(data, (), str(path), origin)

@@ -78,7 +78,26 @@ def ensure_schema(url: str) -> None:
     if current is None:
         upgrade(url)
     elif current != HEAD_REVISION:
-        raise SchemaOutdated(
-            f"the database schema is at revision {current}; run `tasksync migrate`"
-        )
+        raise SchemaOutdated(_revision_problem(url, current))
     _checked.add(url)
+
+
+def _revision_problem(url: str, current: str) -> str:
+    from alembic.script import ScriptDirectory
+
+    known = {r.revision for r in ScriptDirectory.from_config(_alembic_config(url)).walk_revisions()}
+    if current in known:
+        return f"the database schema is at revision {current}; run `tasksync migrate`"
+    return (
+        f"the database schema is at revision {current}, which this tasksync does not know "
+        f"(its newest is {HEAD_REVISION}): was it migrated by a newer version? upgrade tasksync"
+    )
+
+
+def check_not_newer(url: str) -> None:
+    """`migrate` on a database a newer tasksync migrated: say so instead of failing in Alembic."""
+    current = current_revision(url)
+    if current is not None and current != HEAD_REVISION:
+        problem = _revision_problem(url, current)
+        if "does not know" in problem:
+            raise SchemaOutdated(problem)
