@@ -47,7 +47,7 @@ PARSED = web.RequestKey("parsed", object)  # the request body, read once by the 
 class Canned:
     """One forced answer, consumed by the next matching request."""
 
-    status: int
+    status: int  # 0: close the connection instead of answering
     body: Any  # dict/list -> JSON; str -> raw text
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
@@ -293,6 +293,10 @@ class ContractSim:
         if forced is not None:
             if forced.after_apply:
                 await handler(request)
+            if forced.status == 0:  # drop the connection: the answer is lost
+                if request.transport is not None:
+                    request.transport.close()
+                return web.Response(status=500)  # never reaches the closed connection
             text = forced.body if isinstance(forced.body, str) else json.dumps(forced.body)
             return web.Response(
                 status=forced.status,

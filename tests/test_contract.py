@@ -1451,12 +1451,16 @@ def test_sync_exit_status_when_the_cycle_cannot_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("database", ["postgres"], indirect=True)
-def test_several_syncs_on_postgres_split_the_due_tasks(
+def test_several_workers_on_postgres_split_syncs_and_actions(
     database: Database, tmp_path: Path, sim: ContractSim
 ) -> None:
+    """Two `sync` at once fetch each due task once; two `apply` at once apply each action once,
+    in queue order per task."""
     with sim.lock:
         for i in range(60):
             sim.koodrive[f"kd-{i:03d}"] = koodrive_task(f"kd-{i:03d}", i % 4)
+        for i in range(15):
+            sim.secmaster[f"sm-{i:03d}"] = secmaster_task(f"sm-{i:03d}")
     ws = sim_workspace(tmp_path, sim, database.url)
     ws.ok("track", "koodrive", *sorted(sim.koodrive))
     for r in parallel([lambda: ws.run("sync", "--quiet"), lambda: ws.run("sync", "--quiet")]):
@@ -1467,9 +1471,25 @@ def test_several_syncs_on_postgres_split_the_due_tasks(
     assert sum(r["polled"] for r in runs) == 60 and len(runs) == 2
     assert ws.q("SELECT count(*) AS n FROM task_snapshots")[0]["n"] == 60
 
+    values = ", ".join(
+        f"('secmaster', 'sm-{i:03d}', 'comment', '{{\"comment\": \"{n}\"}}')"
+        for n in range(3)
+        for i in range(15)
+    )
+    ws.x(f"INSERT INTO actions (system, task_id, kind, params) VALUES {values}")
+    for r in parallel([lambda: ws.run("apply"), lambda: ws.run("apply")]):
+        ok(r)
+    statuses = {r["status"] for r in ws.q("SELECT status FROM actions")}
+    assert statuses == {"succeeded"}, statuses
+    assert len(sim.requests("PUT")) == 45  # each action once
+    with sim.lock:
+        for i in range(15):
+            got = [c["message"] for c in sim.secmaster[f"sm-{i:03d}"]["comments"]]
+            assert got == ["0", "1", "2"], (i, got)
+
 
 # ============================================================================================
-# 8. deviations this suite found (fixed since: kept as regression tests)
+# 8. deviations this suite found (all fixed since: kept as regression tests)
 # ============================================================================================
 
 
@@ -1771,8 +1791,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 def test_a_write_whose_answer_was_lost_is_read_back_not_resent(
     tmp_path: Path, sim: ContractSim
 ) -> None:
-    """A 500 to a write is an unknown outcome: pending, and before anything is sent again the
-    task is read back; the comment that did land is not added a second time."""
+    """An unknown outcome (a dropped connection or a 500 to a write) leaves the action pending;
+    before anything is sent again the task is read back: what landed is not sent twice (not even
+    by aiohttp's silent re-send of a PUT), what did not land is sent again."""
     seed_sim(sim)
     ws = sim_workspace(
         tmp_path,
@@ -1781,29 +1802,25 @@ def test_a_write_whose_answer_was_lost_is_read_back_not_resent(
         extra='[retry]\nbase_delay = "1s"\nmax_delay = "1s"\n',
     )
     # never synced: the baseline is read once before the first attempt
-    sim.push(
-        "PUT " + SECMASTER_PREFIX + "/sm-waiting",
-        Canned(500, {"code": "SecMaster.50000000", "message": "internal"}, after_apply=True),
+    sim.push(  # applied, then the connection drops
+        "PUT " + SECMASTER_PREFIX + "/sm-waiting", Canned(0, {}, after_apply=True)
     )
-    sim.push(
+    sim.push(  # dropped before anything was applied
+        "PUT " + SECMASTER_PREFIX + "/sm-finished", Canned(0, {})
+    )
+    sim.push(  # applied, then a 500
         "POST " + AICC_PREFIX + "/process",
         Canned(500, {"resCode": "500", "resMsg": "internal"}, after_apply=True),
     )
-    comment = ws.ok("enqueue", "secmaster", "sm-waiting", "comment", "--comment", "exactly once")
+    landed = ws.ok("enqueue", "secmaster", "sm-waiting", "comment", "--comment", "exactly once")
+    lost = ws.ok("enqueue", "secmaster", "sm-finished", "comment", "--comment", "lost once")
     process = ws.ok(
-        "enqueue",
-        "aicc",
-        AICC_IDS[0],
-        "process",
-        "--title",
-        "once",
-        "--description",
-        "exactly once",
+        "enqueue", "aicc", AICC_IDS[0], "process", "--title", "once", "--description", "once"
     )
     ws.ok("apply")
     time.sleep(1.2)
     ws.ok("apply")
-    for action in (comment, process):
+    for action in (landed, lost, process):
         a = ws.action(action.stdout)
         assert a["status"] == "succeeded", a
         outcomes = [
@@ -1815,11 +1832,12 @@ def test_a_write_whose_answer_was_lost_is_read_back_not_resent(
         ]
         assert outcomes[0] == "unknown", outcomes
     assert len(sim.requests("PUT", "/sm-waiting")) == 1
+    assert len(sim.requests("PUT", "/sm-finished")) == 2  # read back: not there, so sent again
     assert len(sim.requests("POST", "/task/process")) == 1
     with sim.lock:
-        texts = [c["message"] for c in sim.secmaster["sm-waiting"]["comments"]]
+        assert [c["message"] for c in sim.secmaster["sm-waiting"]["comments"]] == ["exactly once"]
+        assert [c["message"] for c in sim.secmaster["sm-finished"]["comments"]] == ["lost once"]
         traces = [t["title"] for t in sim.aicc[AICC_IDS[0]]["taskTrace"]]
-    assert texts == ["exactly once"]
     assert traces.count("once") == 1
 
 
@@ -1842,12 +1860,9 @@ def test_last_changed_at_moves_when_a_change_is_observed(tmp_path: Path, sim: Co
     assert ts(row["last_changed_at"]) >= ts(first["first_seen_at"]), row["last_changed_at"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `cancel`/`retry` with an action id beyond 64 bits print a traceback on SQLite "
-    "(OverflowError: Python int too large to convert to SQLite INTEGER); PostgreSQL says "
-    "'database error: ... out of int64 range'",
-)
+# Regression (found by this suite, fixed in 80262bd): `cancel`/`retry` with an action id beyond 64
+#  bits print a traceback on SQLite (OverflowError: Python int too large to convert to SQLite
+#  INTEGER); PostgreSQL says 'database error: ... out of int64 range'
 def test_out_of_range_action_id_is_a_clean_error(tmp_path: Path) -> None:
     env = {"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path / 'o.db'}"}
     ok(tasksync("migrate", cwd=tmp_path, env=env))
@@ -1860,12 +1875,9 @@ def test_out_of_range_action_id_is_a_clean_error(tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a duration too large for a timestamp (e.g. poll_interval or lease = "
-    '"99999999h") passes configuration checks, then `sync` dies with a traceback '
-    "(OverflowError: date value out of range) instead of exit 78 naming the key",
-)
+# Regression (found by this suite, fixed in 80262bd): a duration too large for a timestamp (e.g.
+#  poll_interval or lease = "99999999h") passes configuration checks, then `sync` dies with a
+#  traceback (OverflowError: date value out of range) instead of exit 78 naming the key
 def test_durations_too_large_for_a_timestamp(tmp_path: Path, sim: ContractSim) -> None:
     seed_sim(sim)
 
@@ -1902,11 +1914,9 @@ def _raw(*args: str | bytes, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
     return r.returncode, r.stderr.decode("utf-8", "replace")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a task id or option value that is not valid UTF-8 (e.g. from a Latin-1 or GBK "
-    "terminal) crashes enqueue/track with a traceback (UnicodeEncodeError: surrogates not allowed)",
-)
+# Regression (found by this suite, fixed in 80262bd): a task id or option value that is not valid
+#  UTF-8 (e.g. from a Latin-1 or GBK terminal) crashes enqueue/track with a traceback
+#  (UnicodeEncodeError: surrogates not allowed)
 def test_arguments_that_are_not_utf8_are_bad_input(tmp_path: Path) -> None:
     env = {"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path / 'b.db'}"}
     runs = parallel(
@@ -1929,11 +1939,9 @@ def test_arguments_that_are_not_utf8_are_bad_input(tmp_path: Path) -> None:
         assert code == 2 and len(err.strip().splitlines()) == 1, (code, err[-400:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a configuration file that is not UTF-8 (e.g. saved as GBK with Chinese "
-    "comments) crashes every command with a traceback (UnicodeDecodeError) instead of exit 78",
-)
+# Regression (found by this suite, fixed in 80262bd): a configuration file that is not UTF-8 (e.g.
+#  saved as GBK with Chinese comments) crashes every command with a traceback (UnicodeDecodeError)
+#  instead of exit 78
 def test_configuration_file_that_is_not_utf8_exits_78(tmp_path: Path) -> None:
     cfg = tmp_path / "tasksync.toml"
     cfg.write_bytes("[worker]\n# 每五分钟同步一次\nconcurrency = 4\n".encode("gbk"))
@@ -1942,12 +1950,9 @@ def test_configuration_file_that_is_not_utf8_exits_78(tmp_path: Path) -> None:
     assert code == 78 and len(err.strip().splitlines()) == 1, (code, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on a database migrated by a newer tasksync (unknown revision), `status` says "
-    "'run `tasksync migrate`' and `migrate` then dies with a traceback (alembic CommandError: "
-    "Can't locate revision)",
-)
+# Regression (found by this suite, fixed in 80262bd): on a database migrated by a newer tasksync
+#  (unknown revision), `status` says 'run `tasksync migrate`' and `migrate` then dies with a
+#  traceback (alembic CommandError: Can't locate revision)
 def test_database_from_a_newer_version_is_a_clean_error(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'n.db'}"
     env = {"TASKSYNC_DATABASE__URL": url}
@@ -1961,13 +1966,12 @@ def test_database_from_a_newer_version_is_a_clean_error(tmp_path: Path) -> None:
     )
     for r in (status, migrate):  # tasksync() fails on a traceback
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-400:]
+        assert "run `tasksync migrate`" not in r.stderr  # migrating cannot help here
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `sandbox --mutate-every nan` passes the positivity check and dies with a "
-    "traceback (ValueError: delay must be a non-negative number) instead of exit 2",
-)
+# Regression (found by this suite, fixed in 80262bd): `sandbox --mutate-every nan` passes the
+#  positivity check and dies with a traceback (ValueError: delay must be a non-negative number)
+#  instead of exit 2
 def test_sandbox_rejects_a_nan_interval(tmp_path: Path) -> None:
     r = tasksync("sandbox", "--port", "0", "--mutate-every", "nan", cwd=tmp_path, timeout=20)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-300:]
