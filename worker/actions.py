@@ -105,6 +105,10 @@ class ActionRunner:
                     claimed = await self.store.claim_actions(
                         self.worker, limit=free, lease=self.settings.worker.lease
                     )
+                # An action of ours whose lease ran out while the database was locked or slow
+                # is claimed again by our own next claim: it is still being worked on here, and
+                # handing it out twice would send it twice.
+                claimed = [a for a in claimed if a.id not in self.in_flight]
                 if claimed:
                     self.in_flight.update(a.id for a in claimed)
                     stats.claimed += len(claimed)
