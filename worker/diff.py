@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from datetime import datetime
 
 from worker.model import JSON, Event, EventKind, Observation
 
@@ -99,7 +98,3 @@ def diff(previous: Observation | None, current: Observation, seq: int) -> list[E
             )
         )
     return events
-
-
-def first_time(value: datetime | None, fallback: datetime) -> datetime:
-    return value if value is not None else fallback

@@ -279,14 +279,6 @@ class ActionStore(StoreBase):
             )
         return int(attempt_id)
 
-    async def set_baseline(self, action_id: int, baseline: int) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                actions.update()
-                .where(actions.c.id == action_id, actions.c.baseline.is_(None))
-                .values(baseline=baseline)
-            )
-
     async def finish(
         self,
         action_id: int,

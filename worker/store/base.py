@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,7 +48,3 @@ def json_text(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return str(value)
-
-
-def pick(mapping: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: mapping[k] for k in keys}

@@ -346,12 +346,3 @@ class TaskStore(StoreBase):
                 .where(tasks.c.id.in_(list(ids)), tasks.c.lease_owner == worker)
                 .values(lease_owner=None, lease_until=None)
             )
-
-    async def make_due(self, system: str, task_id: str, now: datetime | None = None) -> None:
-        """Poll this task at the next cycle (after an action changed it)."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                tasks.update()
-                .where(tasks.c.system == system, tasks.c.task_id == task_id)
-                .values(next_poll_at=now or utcnow())
-            )
