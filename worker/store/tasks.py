@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from worker.model import JSON, Event
 from worker.store.base import StoreBase, utcnow
-from worker.store.schema import task_events, task_snapshots, tasks
+from worker.store.schema import UTCDateTime, task_events, task_snapshots, tasks
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,7 @@ class ClaimedTask:
     content_hash: str | None
     snapshot_seq: int
     consecutive_failures: int
+    seen_next_poll_at: datetime  # at the claim: a re-poll set while we hold the task wins
 
 
 @dataclass(slots=True)
@@ -142,11 +143,16 @@ class TaskStore(StoreBase):
                 tasks.c.content_hash,
                 tasks.c.snapshot_seq,
                 tasks.c.consecutive_failures,
+                tasks.c.next_poll_at,
             )
         )
         async with self.engine.begin() as conn:
             rows = (await conn.execute(statement)).all()
-        return sorted((ClaimedTask(*row) for row in rows), key=lambda t: t.id)
+        claimed = [
+            ClaimedTask(int(r[0]), str(r[1]), str(r[2]), r[3], int(r[4]), int(r[5]), r[6])
+            for r in rows
+        ]
+        return sorted(claimed, key=lambda t: t.id)
 
     async def count_due(
         self, systems: Sequence[str], *, all_tasks: bool, now: datetime | None = None
@@ -213,7 +219,7 @@ class TaskStore(StoreBase):
         changed: list[dict[str, Any]] = []
         # Unchanged rows get the same values per (polled, next poll) -- one or two groups per
         # batch -- so each group is one set-based UPDATE rather than a row-by-row executemany.
-        unchanged: dict[tuple[datetime, datetime], list[int]] = {}
+        unchanged: dict[tuple[datetime, datetime, datetime], list[int]] = {}
         failed: list[dict[str, Any]] = []
         for r in results:
             t = r.task
@@ -224,6 +230,7 @@ class TaskStore(StoreBase):
                         "b_error": r.error,
                         "b_failures": t.consecutive_failures + 1,
                         "b_next": r.next_poll_at,
+                        "b_seen": t.seen_next_poll_at,
                         "b_polled": r.polled_at,
                         "b_not_found": r.not_found,
                     }
@@ -268,10 +275,13 @@ class TaskStore(StoreBase):
                         # stays in the payload (and in the events' occurred_at)
                         "b_changed": r.polled_at,
                         "b_next": r.next_poll_at,
+                        "b_seen": t.seen_next_poll_at,
                     }
                 )
             else:
-                unchanged.setdefault((r.polled_at, r.next_poll_at), []).append(t.id)
+                unchanged.setdefault((r.polled_at, r.next_poll_at, t.seen_next_poll_at), []).append(
+                    t.id
+                )
         b = sa.bindparam
         mine = sa.and_(tasks.c.id == b("b_id"), tasks.c.lease_owner == worker)
         release = {"lease_owner": None, "lease_until": None}
@@ -291,7 +301,9 @@ class TaskStore(StoreBase):
                     snapshot_seq=b("b_seq"),
                     last_polled_at=b("b_polled"),
                     last_changed_at=b("b_changed"),
-                    next_poll_at=b("b_next"),
+                    next_poll_at=_keep_sooner(
+                        b("b_seen", type_=UTCDateTime()), b("b_next", type_=UTCDateTime())
+                    ),
                     last_error=None,
                     consecutive_failures=0,
                     not_found=False,
@@ -299,13 +311,15 @@ class TaskStore(StoreBase):
                 ),
                 changed,
             )
-        for (polled, next_poll), ids in unchanged.items():
+        for (polled, next_poll, seen), ids in unchanged.items():
             await conn.execute(
                 tasks.update()
                 .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker)
                 .values(
                     last_polled_at=polled,
-                    next_poll_at=next_poll,
+                    next_poll_at=_keep_sooner(
+                        sa.literal(seen, UTCDateTime()), sa.literal(next_poll, UTCDateTime())
+                    ),
                     last_error=None,
                     consecutive_failures=0,
                     not_found=False,
@@ -318,7 +332,9 @@ class TaskStore(StoreBase):
                 .where(mine)
                 .values(
                     last_polled_at=b("b_polled"),
-                    next_poll_at=b("b_next"),
+                    next_poll_at=_keep_sooner(
+                        b("b_seen", type_=UTCDateTime()), b("b_next", type_=UTCDateTime())
+                    ),
                     last_error=b("b_error"),
                     consecutive_failures=b("b_failures"),
                     not_found=b("b_not_found"),
@@ -346,3 +362,10 @@ class TaskStore(StoreBase):
                 .where(tasks.c.id.in_(list(ids)), tasks.c.lease_owner == worker)
                 .values(lease_owner=None, lease_until=None)
             )
+
+
+def _keep_sooner(seen: Any, planned: Any) -> Any:
+    """The next poll this result plans, unless someone made the task due sooner while we held
+    it (an action finished on it): that re-poll must not be pushed back by a stale fetch."""
+    moved_sooner = sa.and_(tasks.c.next_poll_at != seen, tasks.c.next_poll_at < planned)
+    return sa.case((moved_sooner, tasks.c.next_poll_at), else_=planned)
