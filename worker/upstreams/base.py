@@ -25,6 +25,10 @@ class UpstreamError(Exception):
     """A classified failure. `str()` is one line naming the system, the task and the cause,
     with every secret redacted; it is what ends up in `last_error`."""
 
+    @property
+    def throttled(self) -> bool:
+        return self.http_status == 429
+
     def __init__(
         self,
         kind: ErrorKind,
@@ -35,6 +39,7 @@ class UpstreamError(Exception):
         http_status: int | None = None,
         retry_after: float | None = None,
         code: str | None = None,
+        deferred: bool = False,
     ) -> None:
         self.kind = kind
         self.system = system
@@ -42,9 +47,34 @@ class UpstreamError(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.code = code
+        # Nothing was sent: the system's circuit is open or its rate pushes the request past
+        # any reasonable wait. A poll leaves the task due; an action is retried after
+        # `retry_after` without counting as a failed try of the upstream.
+        self.deferred = deferred
         self.detail = message
         where = f"{system} task {task_id}" if task_id else system
         super().__init__(f"{where}: {message}")
+
+
+def reword(
+    error: UpstreamError,
+    *,
+    task_id: str | None,
+    prefix: str = "",
+    kind: ErrorKind | None = None,
+) -> UpstreamError:
+    """The same failure for another task, with context (e.g. "task list at 200: ") prefixed,
+    or reclassified (`kind`). The detail was redacted when first built."""
+    return UpstreamError(
+        kind or error.kind,
+        prefix + error.detail,
+        system=error.system,
+        task_id=task_id,
+        http_status=error.http_status,
+        retry_after=error.retry_after,
+        code=error.code,
+        deferred=error.deferred,
+    )
 
 
 class Upstream(Protocol):
