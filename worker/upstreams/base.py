@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from worker.model import JSON, Fetched, Observation, System
@@ -77,6 +78,19 @@ def reword(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A client's view of its system: request and 429 counters since it was built, the pace
+    its rate control keeps (None: not paced) and the state of its circuit breaker."""
+
+    requests: int
+    throttled: int
+    rate: float | None
+    ceiling: float | None
+    policy: str | None
+    circuit: str
+
+
 class Upstream(Protocol):
     """One upstream system. Implementations live in aicc.py, secmaster.py, koodrive.py."""
 
@@ -100,6 +114,10 @@ class Upstream(Protocol):
 
     def observe(self, payload: Mapping[str, JSON]) -> Observation:
         """Pure: read status, state, title and history items out of a stored payload."""
+        ...
+
+    def health(self) -> Health:
+        """Rate control and circuit state, for `status` and the logs."""
         ...
 
     async def aclose(self) -> None: ...

@@ -52,7 +52,7 @@ from yarl import URL
 from worker.model import JSON, System
 from worker.redact import Redactor
 from worker.text import one_line
-from worker.upstreams.base import ErrorKind, UpstreamError
+from worker.upstreams.base import ErrorKind, Health, UpstreamError
 from worker.upstreams.envelope import auth_like, gateway_fields, parse_retry_after
 from worker.upstreams.gate import CircuitBreaker, CircuitOpen, RateControl, parse_policy
 from worker.upstreams.signing import encode_query
@@ -177,6 +177,17 @@ class HttpClient:
         self._reads: aiohttp.ClientSession | None = None
         self._writes: aiohttp.ClientSession | None = None
 
+    def health(self) -> Health:
+        state = self.rate.state()
+        return Health(
+            requests=self.rate.requests,
+            throttled=self.rate.throttled,
+            rate=state.rate,
+            ceiling=state.ceiling,
+            policy=state.policy,
+            circuit=self.breaker.describe(),
+        )
+
     # -- building blocks -------------------------------------------------------------------------
 
     def url(self, path: str, query: Sequence[tuple[str, str]] = ()) -> str:
@@ -246,9 +257,17 @@ class HttpClient:
             f"HTTP {status} {text}",
             task_id=task_id,
             http_status=status,
-            retry_after=parse_retry_after(answer.headers.get("Retry-After")),
+            retry_after=self._retry_after(answer),
             code=code,
         )
+
+    def _retry_after(self, answer: Answer) -> float | None:
+        """Retry-After when sent; after a 429 at least until the system's pause ends, so a
+        throttled write is retried at the pace the rate control keeps."""
+        header = parse_retry_after(answer.headers.get("Retry-After"))
+        if answer.status != 429:
+            return header
+        return max(header or 0.0, self.rate.state().paused_for) or None
 
     # -- sending ---------------------------------------------------------------------------------
 

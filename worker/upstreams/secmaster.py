@@ -26,7 +26,7 @@ from worker.hashing import content_hash
 from worker.model import JSON, Comment, Fetched, Observation, State, System
 from worker.redact import Redactor
 from worker.text import one_line
-from worker.upstreams.base import ErrorKind, UpstreamError, reword
+from worker.upstreams.base import ErrorKind, Health, UpstreamError, reword
 from worker.upstreams.envelope import as_text, code_and_message, type_name
 from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
 from worker.upstreams.signing import sign_sdk
@@ -166,6 +166,9 @@ class SecMasterClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def health(self) -> Health:
+        return self._http.health()
 
     # -- the three operations --------------------------------------------------------------------
 
