@@ -140,10 +140,9 @@ class RateControl:
                 self._next_probe = now + PROBE_EVERY
                 self.requests += 1
                 return 0.0, True
-            wait = min(self._paused_until, self._next_probe) - now
-            if self._paused_until - now > MAX_WAIT and wait > MAX_WAIT:
-                return None
-            return wait, False
+            if self._paused_until - now > MAX_WAIT:
+                return None  # an hour's or a day's quota: not worth holding a cycle for
+            return min(self._paused_until, self._next_probe) - now, False
         if self._budget_size is not None:
             if self._budget <= 0:
                 assert self.policy is not None
@@ -173,7 +172,7 @@ class RateControl:
         if now < self._paused_until and sent_at >= self._paused_at:
             # sent during the pause (a probe) and let through: the window rolled over early
             self._paused_until = 0.0
-            self._budget = self._budget_size or 0
+            self._budget = max(0, (self._budget_size or 0) - 1)  # the probe was one of them
         rate, ceiling = self.rate, self.ceiling
         if rate is None or ceiling is None or rate >= ceiling or now - self._last_raise < 1.0:
             return
