@@ -195,8 +195,8 @@ def test_a_pause_beyond_max_wait_defers_callers_but_still_probes() -> None:
 async def test_breaker_opens_after_five_failures_and_one_probe_closes_it() -> None:
     clock = Clock()
     breaker = CircuitBreaker("secmaster", clock=clock)
-    assert await breaker.admit() is True  # a process's first request is a probe
-    breaker.record(up=False, probe=True, failure="HTTP 503")
+    assert await breaker.admit() is False  # closed, within the start window
+    breaker.record(up=False, probe=False, failure="HTTP 503")
     for _ in range(4):
         probe = await breaker.admit()
         assert probe  # after a failure: one at a time
@@ -220,8 +220,26 @@ async def test_breaker_opens_after_five_failures_and_one_probe_closes_it() -> No
 
 
 @pytest.mark.anyio
+async def test_breaker_starts_with_a_small_window_that_doubles() -> None:
+    breaker = CircuitBreaker("koodrive")
+    for _ in range(CircuitBreaker.START_WINDOW):
+        assert await breaker.admit() is False
+    with anyio.move_on_after(0.1) as waited:
+        await breaker.admit()  # a fifth request waits for an answer
+    assert waited.cancelled_caught
+    breaker.record(up=True, probe=False)  # one answer: the window doubles to 8
+    for _ in range(2 * CircuitBreaker.START_WINDOW - 3):
+        assert await breaker.admit() is False
+    for _ in range(20):
+        breaker.record(up=True, probe=False)
+    for _ in range(1000):  # past 64 the window is gone
+        assert await breaker.admit() is False
+
+
+@pytest.mark.anyio
 async def test_breaker_holds_others_while_the_probe_is_out() -> None:
     breaker = CircuitBreaker("aicc")
+    breaker.record(up=False, probe=False, failure="HTTP 500")  # half-open: one at a time
     order: list[str] = []
 
     async def request(name: str) -> None:

@@ -27,8 +27,9 @@ cannot change its rate while callers wait.
 
 `CircuitBreaker` stops hammering a system that does not answer: five consecutive outage-class
 failures (no connection, timeouts, 5xx) open it for a capped exponential cool-down; then one
-probe decides. It also starts half-open, so a system that is down from the start costs five
-requests, not one per fetcher.
+probe decides. It also starts cautiously, with at most START_WINDOW requests in flight, doubling
+with each answer (TCP's slow start), so a system that is down from the start costs a handful of
+requests rather than one per fetcher, and one slow first answer holds nothing back.
 """
 
 from __future__ import annotations
@@ -271,11 +272,15 @@ class CircuitBreaker:
     THRESHOLD = 5  # consecutive outage-class failures that open the circuit
     BASE_COOLDOWN = 5.0
     MAX_COOLDOWN = 300.0
+    START_WINDOW = 4  # requests in flight before the system has answered at all
+    OPEN_WINDOW = 64  # past this the window is dropped: no more counting
 
     def __init__(self, system: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.system = system
         self._clock = clock
-        self.state = "half-open"  # the first request of a process is a probe too
+        self.state = "closed"
+        self._window: int | None = self.START_WINDOW
+        self._in_flight = 0  # counted while the start window holds
         self.failures = 0
         self.opens = 0  # consecutive openings: the cool-down doubles with each
         self.open_until = 0.0
@@ -289,8 +294,12 @@ class CircuitBreaker:
         must be called with probe=True). Raises CircuitOpen while the circuit is open."""
         while True:
             if self.state == "closed":
-                return False
-            if self.state == "open":
+                if self._window is None:
+                    return False
+                if self._in_flight < self._window:
+                    self._in_flight += 1
+                    return False
+            elif self.state == "open":
                 remaining = self.open_until - self._clock()
                 if remaining > 0:
                     raise CircuitOpen(
@@ -299,7 +308,7 @@ class CircuitBreaker:
                         f"(last: {self.last_failure}); next probe in {remaining:.0f}s",
                     )
                 self.state = "half-open"
-            if not self._probing:
+            if self.state == "half-open" and not self._probing:
                 self._probing = True
                 return True
             if self._settled is None:
@@ -309,7 +318,13 @@ class CircuitBreaker:
     def record(self, *, up: bool, probe: bool, failure: str = "") -> None:
         """The outcome of an admitted request: `up` when the system answered (anything but
         a 5xx), else `failure` says what went wrong."""
+        self._landed()
         if up:
+            if self._window is not None:
+                self._window *= 2
+                if self._window > self.OPEN_WINDOW:
+                    self._window = None
+                self._wake()
             self.failures = 0
             if self.state != "closed":
                 if self.opens:
@@ -333,9 +348,15 @@ class CircuitBreaker:
             self._wake()
 
     def cancelled(self, *, probe: bool) -> None:
-        """An admitted request ended without an outcome (cancelled): free the probe slot."""
+        """An admitted request ended without an outcome (cancelled): free its slot."""
+        self._landed()
         if probe:
             self._probing = False
+            self._wake()
+
+    def _landed(self) -> None:
+        if self._window is not None and self._in_flight:
+            self._in_flight -= 1
             self._wake()
 
     def _open(self) -> None:
@@ -363,7 +384,7 @@ class CircuitBreaker:
 
     def describe(self) -> str:
         if self.state == "half-open" and not self.opens:
-            return "closed"  # a process's first probe, or a lone failure: nothing to report
+            return "closed"  # a lone failure: nothing to report yet
         if self.state == "open":
             return f"open ({max(0.0, self.open_until - self._clock()):.0f}s to probe)"
         return self.state
