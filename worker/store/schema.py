@@ -181,17 +181,5 @@ sync_runs = sa.Table(
     sa.Column("discovered", sa.Integer(), nullable=False, server_default="0"),
 )
 
-# Convenience views for people querying with SQL (created by the first migration).
-VIEWS = {
-    "latest_snapshots": """
-        SELECT s.id, s.system, s.task_id, s.seq, s.fetched_at, s.content_hash, s.status, s.state,
-               t.title, t.tracked, s.payload
-        FROM tasks t JOIN task_snapshots s
-          ON s.system = t.system AND s.task_id = t.task_id AND s.seq = t.snapshot_seq
-    """,
-    "action_queue": """
-        SELECT id, system, task_id, kind, params, status, attempts, max_attempts,
-               next_attempt_at, idempotency_key, last_error, created_at, updated_at
-        FROM actions WHERE status IN ('pending', 'running')
-    """,
-}
+# The views for people querying with SQL (latest_snapshots, action_queue) are written out in
+# the revisions that create them, not here: Alembic does not track views.
