@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.web import json_response, serve
 from worker.config import AiccSettings, KooDriveSettings, SecMasterSettings, Settings
 from worker.hashing import canonical_json, content_hash
 from worker.model import State
@@ -48,27 +47,6 @@ KD_APP_SECRET = "koodrive-app-secret-5c4b3a"
 SECRETS = (AICC_SECRET, SM_SK, SM_PASSWORD, SM_TOKEN, KD_TOKEN, KD_APP_SECRET)
 TASK = "ccqG0000014iXvGKONQO"
 SM_TASK = "3e4c170e-7cc9-11f0-9216-fa163e209978"
-
-
-@asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
-def json_response(obj: Any, status: int = 200, **headers: str) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(obj),
-        status=status,
-        headers={"Content-Type": "application/json", **headers},
-    )
 
 
 def no_secrets(error: BaseException) -> str:
