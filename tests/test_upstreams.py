@@ -71,7 +71,7 @@ def aicc_result(task_id: str, status: str = "Pending") -> dict[str, Any]:
 
 
 class FakeAicc:
-    """OAuth2 client-credentials token + task detail/process/list, as seeds 000/001 describe."""
+    """OAuth2 client-credentials token + task detail/process/list, as docs/upstream.md describes."""
 
     def __init__(
         self, *, expires_in: object = 7200, signal: str = "http401", token_delay: float = 0.0

@@ -1,4 +1,4 @@
-"""Contract suite: Actions: what goes on the wire, idempotency keys, order, effects, SQL-queued rows.
+"""Contract: what actions put on the wire; idempotency keys, order, effects, rows queued by SQL.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).
 """

@@ -1,4 +1,4 @@
-"""Contract suite: Bad configuration: exit 78 naming the key.
+"""Contract: a bad configuration exits 78 naming the key.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).
 """

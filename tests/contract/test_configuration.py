@@ -1,4 +1,4 @@
-"""Contract suite: Configuration: discovery order, environment, credentials, durations, defaults.
+"""Contract: configuration discovery order, environment, credentials, durations, defaults.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).
 """

@@ -1,4 +1,4 @@
-"""Contract suite: Deviations from the contract this suite found, kept as regression tests.
+"""Contract: edge cases that are easy to get wrong, each pinned by a test.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).
 """
@@ -23,8 +23,8 @@ from tests.support.contract_sim import (
 )
 
 
-# Regression (found by this suite, fixed in 07e829d): enqueue on an untracked task does not start
-#  tracking it again, so the effect of the applied action is never synced
+# enqueue on an untracked task tracks it again: otherwise the applied action's effect is
+# never synced
 def test_enqueue_starts_tracking_an_untracked_task(tmp_path: Path, sim: ContractSim) -> None:
     seed_sim(sim)
     ws = sim_workspace(tmp_path, sim, f"sqlite:///{tmp_path / 'u.db'}")
@@ -38,8 +38,7 @@ def test_enqueue_starts_tracking_an_untracked_task(tmp_path: Path, sim: Contract
     assert ws.events("secmaster", "sm-waiting", "comment_added")
 
 
-# Regression (found by this suite, fixed in 07e829d): a closed stdout (`tasksync actions | head
-#  -0`) is reported as 'cannot reach the database: Broken pipe'
+# a closed stdout (`tasksync actions | head -0`) is not a database failure ('Broken pipe')
 def test_closed_stdout_is_not_reported_as_a_database_failure(tmp_path: Path) -> None:
     db = tmp_path / "p.db"
     env = {"TASKSYNC_DATABASE__URL": f"sqlite:///{db}"}
@@ -59,8 +58,7 @@ def test_closed_stdout_is_not_reported_as_a_database_failure(tmp_path: Path) -> 
     assert "database" not in err, err
 
 
-# Regression (found by this suite, fixed in 07e829d): `sandbox --write-config` to an unwritable
-#  path says 'cannot serve on 127.0.0.1:0' (a listening problem) instead of naming the file
+# an unwritable --write-config path is named as such, not reported as a listening problem
 def test_sandbox_unwritable_config_names_the_file(tmp_path: Path) -> None:
     target = tmp_path / "missing-dir" / "tasksync.toml"
     r = tasksync("sandbox", "--port", "0", "--write-config", str(target), cwd=tmp_path, timeout=20)
@@ -68,9 +66,8 @@ def test_sandbox_unwritable_config_names_the_file(tmp_path: Path) -> None:
     assert "cannot serve" not in r.stderr, r.stderr
 
 
-# Regression (found by this suite, fixed in 07e829d): SecMaster tasks.last_changed_at is the
-#  upstream update_time, not when tasksync saw the change: a change observed now can carry a
-#  last_changed_at from months ago (older than first_seen_at)
+# last_changed_at is when tasksync observed a change, not SecMaster's update_time (which can be
+# months old, older than first_seen_at)
 def test_last_changed_at_moves_when_a_change_is_observed(tmp_path: Path, sim: ContractSim) -> None:
     seed_sim(sim)
     ws = sim_workspace(tmp_path, sim, f"sqlite:///{tmp_path / 'c.db'}")
@@ -87,9 +84,8 @@ def test_last_changed_at_moves_when_a_change_is_observed(tmp_path: Path, sim: Co
     assert ts(row["last_changed_at"]) >= ts(first["first_seen_at"]), row["last_changed_at"]
 
 
-# Regression (found by this suite, fixed in 80262bd): `cancel`/`retry` with an action id beyond 64
-#  bits print a traceback on SQLite (OverflowError: Python int too large to convert to SQLite
-#  INTEGER); PostgreSQL says 'database error: ... out of int64 range'
+# an action id beyond 64 bits is a one-line error on both databases (SQLite's integers
+# overflow; PostgreSQL's bigint is out of range)
 def test_out_of_range_action_id_is_a_clean_error(tmp_path: Path) -> None:
     env = {"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path / 'o.db'}"}
     ok(tasksync("migrate", cwd=tmp_path, env=env))
@@ -102,9 +98,8 @@ def test_out_of_range_action_id_is_a_clean_error(tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-# Regression (found by this suite, fixed in 80262bd): a duration too large for a timestamp (e.g.
-#  poll_interval or lease = "99999999h") passes configuration checks, then `sync` dies with a
-#  traceback (OverflowError: date value out of range) instead of exit 78 naming the key
+# a duration too large for a timestamp (poll_interval or lease = "99999999h") is a
+# configuration error naming the key, not an OverflowError inside `sync`
 def test_durations_too_large_for_a_timestamp(tmp_path: Path, sim: ContractSim) -> None:
     seed_sim(sim)
 
@@ -132,9 +127,8 @@ def _raw(*args: str | bytes, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
     return r.returncode, r.stderr.decode("utf-8", "replace")
 
 
-# Regression (found by this suite, fixed in 80262bd): a task id or option value that is not valid
-#  UTF-8 (e.g. from a Latin-1 or GBK terminal) crashes enqueue/track with a traceback
-#  (UnicodeEncodeError: surrogates not allowed)
+# a task id or option value that is not UTF-8 (typed on a Latin-1 or GBK terminal) is bad
+# input, not a UnicodeEncodeError
 def test_arguments_that_are_not_utf8_are_bad_input(tmp_path: Path) -> None:
     env = {"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path / 'b.db'}"}
     runs = parallel(
@@ -157,9 +151,8 @@ def test_arguments_that_are_not_utf8_are_bad_input(tmp_path: Path) -> None:
         assert code == 2 and len(err.strip().splitlines()) == 1, (code, err[-400:])
 
 
-# Regression (found by this suite, fixed in 80262bd): a configuration file that is not UTF-8 (e.g.
-#  saved as GBK with Chinese comments) crashes every command with a traceback (UnicodeDecodeError)
-#  instead of exit 78
+# a configuration file that is not UTF-8 (saved as GBK with Chinese comments) is exit 78, not
+# a UnicodeDecodeError
 def test_configuration_file_that_is_not_utf8_exits_78(tmp_path: Path) -> None:
     cfg = tmp_path / "tasksync.toml"
     cfg.write_bytes("[worker]\n# 每五分钟同步一次\nconcurrency = 4\n".encode("gbk"))
@@ -168,9 +161,8 @@ def test_configuration_file_that_is_not_utf8_exits_78(tmp_path: Path) -> None:
     assert code == 78 and len(err.strip().splitlines()) == 1, (code, err)
 
 
-# Regression (found by this suite, fixed in 80262bd): on a database migrated by a newer tasksync
-#  (unknown revision), `status` says 'run `tasksync migrate`' and `migrate` then dies with a
-#  traceback (alembic CommandError: Can't locate revision)
+# a database migrated by a newer tasksync (an unknown revision): `status` must not advise
+# `tasksync migrate`, which cannot help, and `migrate` itself fails with one line
 def test_database_from_a_newer_version_is_a_clean_error(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'n.db'}"
     env = {"TASKSYNC_DATABASE__URL": url}
@@ -187,9 +179,7 @@ def test_database_from_a_newer_version_is_a_clean_error(tmp_path: Path) -> None:
         assert "run `tasksync migrate`" not in r.stderr  # migrating cannot help here
 
 
-# Regression (found by this suite, fixed in 80262bd): `sandbox --mutate-every nan` passes the
-#  positivity check and dies with a traceback (ValueError: delay must be a non-negative number)
-#  instead of exit 2
+# `sandbox --mutate-every nan` is exit 2: NaN passes a naive positivity check
 def test_sandbox_rejects_a_nan_interval(tmp_path: Path) -> None:
     r = tasksync("sandbox", "--port", "0", "--mutate-every", "nan", cwd=tmp_path, timeout=20)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-300:]

@@ -1,4 +1,4 @@
-"""Contract suite: Retries, permanent failures, cancel and retry.
+"""Contract: retries, permanent failures, cancel and retry.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).
 """
@@ -113,8 +113,7 @@ def test_retryable_and_permanent_outcomes(tmp_path: Path, sim: ContractSim) -> N
     assert failed == []
 
 
-# Regression (found by this suite, fixed in 07e829d): a Retry-After longer than retry.max_delay is
-#  cut down to max_delay: the action is retried before the server allows it
+# a Retry-After longer than retry.max_delay is honoured: the server's wait wins over our cap
 def test_retry_after_longer_than_max_delay_is_honoured(tmp_path: Path, sim: ContractSim) -> None:
     seed_sim(sim)
     ws = sim_workspace(

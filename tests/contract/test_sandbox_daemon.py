@@ -1,4 +1,4 @@
-"""Contract suite: Against the in-process sandbox: every auth mode, others' changes, the sandbox command,
+"""Contract: every auth mode against the sandbox, the sandbox command, the daemon, the demo.
 the daemon and the demo.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).

@@ -1,4 +1,4 @@
-"""Contract suite: The tables, against an independent simulator, on both databases.
+"""Contract: the tables, filled against an independent simulator, on both databases.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).
 """
@@ -88,7 +88,7 @@ def _tables_flow(database: Database, tmp_path: Path, sim: ContractSim) -> None:
     assert r.stdout.strip() == "", "--quiet prints nothing but errors"
     after = now()
 
-    # -- tasks: status as text, state normalised per upstream.md, title, timestamps UTC
+    # -- tasks: status as text, state normalised per docs/upstream.md, title, timestamps UTC
     rows = {(r["system"], r["task_id"]): r for r in ws.q("SELECT * FROM tasks")}
     for (system, _task_id), row in rows.items():
         assert row["last_error"] is None and row["consecutive_failures"] == 0, row

@@ -1,4 +1,4 @@
-"""Contract suite: Bad usage: exit 2, one line on stderr naming what is wrong, never a traceback.
+"""Contract: bad usage exits 2 with one line on stderr naming what is wrong, never a traceback.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).
 """
@@ -126,8 +126,7 @@ def test_field_limits_are_inclusive_and_defaults_apply(tmp_path: Path) -> None:
     assert b["type"] == "Other" and b["creator_id"] == "10gg0000000000000001"
 
 
-# Regression (found by this suite, fixed in 07e829d): `enqueue aicc ... process --type ''` is
-#  queued with an empty processInfo.type (a mandatory upstream field) instead of exit 2
+# `enqueue aicc ... process --type ''` is exit 2: processInfo.type is mandatory upstream
 def test_empty_type_is_refused(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, f"sqlite:///{tmp_path / 'e.db'}", "")
     r = ws.run(

@@ -1,4 +1,4 @@
-"""Contract suite: Wire formats the documents allow, failures that cost one task only, exit statuses of sync.
+"""Contract: wire variants the documents allow, failures that cost one task only, sync's exit.
 
 Black box: the real `tasksync` command in a subprocess (see tests/contract/__init__.py).
 """

@@ -1,7 +1,7 @@
 """The database schema as SQLAlchemy Core tables: the one definition Alembic checks against.
 
-Columns named in the contract (interface.md, "Database") are what users query; the lease and
-bookkeeping columns are ours. Every column a user may leave out of a plain SQL INSERT has a
+Columns named in the contract (docs/interface.md, "Database") are what users query; the lease
+and bookkeeping columns are ours. Every column a user may leave out of a plain SQL INSERT has a
 database-side default, so `INSERT INTO actions (system, task_id, kind, params)` works on both
 PostgreSQL and SQLite.
 """
