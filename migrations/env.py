@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Literal
 
 from alembic import context
 from sqlalchemy.engine import Connection
 
 from worker.store.engine import create_engine
-from worker.store.schema import metadata
+from worker.store.schema import UTCDateTime, metadata
 
 config = context.config
 
@@ -22,12 +23,21 @@ def _url() -> str:
     return load_config().settings.database.url
 
 
+def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
+    # A revision must not import the live schema (it would change with it): our column type is
+    # written as the DDL type it compiles to.
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        render_item=_render_item,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -3,17 +3,16 @@ high rates with exactly-once effects and per-task order, and crashes at every po
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 from pathlib import Path
 
 import anyio
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Database
-from tests.helpers import clients, count, rows, settings_for, track_all
+from tests.support.cli import clean_env, tasksync_argv
+from tests.support.db import Database, count, rows
+from tests.support.sandbox import clients, settings_for, track_all
 from worker.actions import ActionRunner
 from worker.sandbox import Sandbox
 from worker.store import Store
@@ -264,9 +263,8 @@ async def test_kill_at_each_crash_point_loses_nothing_and_duplicates_nothing(
         config.chmod(0o600)
         await store.enqueue("secmaster", task, "comment", {"comment": "exactly once"})
         await store.enqueue("secmaster", task, "comment", {"comment": "and then this"})
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSYNC_")}
-        env["TASKSYNC_DATABASE__URL"] = database.url
-        cmd = [sys.executable, "-m", "worker", "--config", str(config), "apply"]
+        env = clean_env({"TASKSYNC_DATABASE__URL": database.url})
+        cmd = tasksync_argv("--config", str(config), "apply")
         if point == "during-call":
             # every answer is late: the comment is applied, then the process dies waiting
             sb.set_faults("slow=1.0,slow-seconds=3")

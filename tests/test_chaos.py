@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,10 @@ import anyio
 import pytest
 from aiohttp import web
 
-from tests.chaos_support import base_env, decode, ensure_postgres_running, run_chaos
-from tests.conftest import Database
-from tests.helpers import rows
+from tests.support.chaos import base_env, decode, ensure_postgres_running, run_chaos
+from tests.support.cli import tasksync_argv
+from tests.support.db import Database, rows
+from tests.support.web import serve
 from worker.store import Store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.chaos, pytest.mark.timeout(240)]
@@ -134,12 +134,7 @@ async def test_a_frozen_worker_never_leaves_a_stale_snapshot(
     lease. Worker B takes the task over and fetches a newer content. A thaws and writes first,
     then B. The newest snapshot must be the newest content, and stay so on the next cycles."""
     upstream = GatedSecMaster("3e4c170e-7cc9-11f0-9216-fa163e209978")
-    runner = web.AppRunner(upstream.app(), access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with serve(upstream.app()) as url:
         config = tmp_path / "tasksync.toml"
         config.write_text(
             "[systems.secmaster]\n"
@@ -148,7 +143,7 @@ async def test_a_frozen_worker_never_leaves_a_stale_snapshot(
         )
         config.chmod(0o600)
         env = base_env(database.url) | {"TASKSYNC_WORKER__LEASE": "2s"}
-        cmd = [sys.executable, "-m", "worker", "--config", str(config), "sync", "--all", "--quiet"]
+        cmd = tasksync_argv("--config", str(config), "sync", "--all", "--quiet")
         await store.track("secmaster", [upstream.task_id])
 
         async def sync_once() -> None:
@@ -186,8 +181,6 @@ async def test_a_frozen_worker_never_leaves_a_stale_snapshot(
                     worker_a.kill()
         await sync_once()
         await sync_once()
-    finally:
-        await runner.cleanup()
     [latest] = await rows(store, "SELECT seq, payload FROM latest_snapshots")
     comments = [c["message"] for c in decode(latest["payload"])["comments"]]
     events = await rows(store, "SELECT kind, data FROM task_events ORDER BY id")

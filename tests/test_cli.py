@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Database, run_cli
+from tests.support.cli import run_cli
+from tests.support.db import Database
 from worker.store import Store
 from worker.store.migrate import HEAD_REVISION
 

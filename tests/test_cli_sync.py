@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
-from tests.conftest import Database
+from tests.support.cli import open_cli, run_cli_async
+from tests.support.db import Database
 from worker.sandbox import Sandbox
 from worker.store import SqliteWorkerLock
 
@@ -19,15 +19,11 @@ pytestmark = pytest.mark.anyio
 
 
 def _env(database: Database) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSYNC_")}
-    env["TASKSYNC_DATABASE__URL"] = database.url
-    return env
+    return {"TASKSYNC_DATABASE__URL": database.url}
 
 
 async def _cli(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
-    return await anyio.run_process(
-        [sys.executable, "-m", "worker", "--config", str(config), *args], env=env, check=False
-    )
+    return await run_cli_async("--config", str(config), *args, env=env)
 
 
 async def test_discover_sync_apply_commands(database: Database, tmp_path: Path) -> None:
@@ -75,8 +71,10 @@ async def test_progress_bar_only_on_a_terminal(database: Database, tmp_path: Pat
 
         async def on_tty(*args: str) -> bytes:
             main, secondary = pty.openpty()
-            process = await anyio.open_process(
-                [sys.executable, "-m", "worker", "--config", str(config), *args],
+            process = await open_cli(
+                "--config",
+                str(config),
+                *args,
                 env=env,
                 stdout=secondary,
                 stderr=subprocess.PIPE,
@@ -113,9 +111,7 @@ async def test_second_worker_on_sqlite_is_refused(database: Database, tmp_path: 
     lock.acquire()
     try:
         for command in ("sync", "apply"):
-            result = await anyio.run_process(
-                [sys.executable, "-m", "worker", command], env=_env(database), check=False
-            )
+            result = await run_cli_async(command, env=_env(database))
             assert result.returncode == 1
             message = result.stderr.decode()
             assert "another tasksync worker" in message and "PostgreSQL" in message

@@ -6,7 +6,7 @@ import re
 import time
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.support.cli import run_cli
 
 KINDS = (
     "process",

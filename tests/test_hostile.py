@@ -18,8 +18,7 @@ import gzip
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,10 @@ import sqlalchemy as sa
 from aiohttp import web
 from pydantic import SecretStr
 
-from tests.conftest import Database, run_cli
-from tests.helpers import clients, count, rows, settings_for
+from tests.support.cli import run_cli
+from tests.support.db import Database, count, rows
+from tests.support.sandbox import clients, settings_for
+from tests.support.web import json_response, serve
 from worker.actions import ActionRunner
 from worker.config import ConfigError, load_config
 from worker.model import SYSTEMS, System
@@ -118,12 +119,6 @@ def spliced(system: System, task_id: str, raw: bytes, field: str | None = None) 
     name = field or {"aicc": "title", "secmaster": "name", "koodrive": "taskName"}[system]
     fields = task_fields(system, task_id) | {name: "@@HOSTILE@@"}
     return body_for(system, orjson.dumps(fields)).replace(PLACEHOLDER, raw)
-
-
-def json_response(
-    body: bytes, status: int = 200, content_type: str = "application/json"
-) -> web.Response:
-    return web.Response(status=status, body=body, headers={"Content-Type": content_type})
 
 
 # -- the hostile answers ------------------------------------------------------------------------
@@ -469,18 +464,6 @@ class HostileUpstream:
         )
 
 
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
 class Evil:
     """Another host that a redirect points at: it must never be asked anything."""
 
@@ -505,7 +488,10 @@ async def test_hostile_answers_cost_only_their_own_task(
     database: Database, store: Store, tmp_path: Path
 ) -> None:
     upstream, evil = HostileUpstream(), Evil()
-    async with serving(evil.app()) as evil_url, serving(upstream.app()) as url:
+    async with (
+        serve(evil.app(), handler_cancellation=True) as evil_url,
+        serve(upstream.app(), handler_cancellation=True) as url,
+    ):
         upstream.url = url
         all_cases = cases(evil_url)
         hostile: dict[tuple[System, str], Case] = {}
@@ -604,7 +590,7 @@ async def test_a_nul_character_in_an_answer_costs_only_its_task(
     with it (store it escaped, or refuse the answer), the other tasks of the batch must be
     stored."""
     upstream = HostileUpstream()
-    async with serving(upstream.app()) as url:
+    async with serve(upstream.app(), handler_cancellation=True) as url:
         upstream.url = url
         for system in SYSTEMS:
             upstream.answers[(system, "nul-title")] = lambda request, s=system: _raw(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Database
+from tests.support.db import Database
 from worker.store.migrate import HEAD_REVISION, current_revision, head_revision, upgrade
 
 

@@ -578,7 +578,7 @@ async def test_drop_applies_the_write_then_closes(sb: Sandbox, http: aiohttp.Cli
 async def test_aiohttp_resends_a_dropped_put_even_on_a_fresh_connection(
     sb: Sandbox, http: aiohttp.ClientSession
 ) -> None:
-    """Pins the trap of upstream.md for the client's authors: aiohttp 3.14 re-sends an
+    """Pins the trap of docs/upstream.md for the client's authors: aiohttp 3.14 re-sends an
     "idempotent" method after ServerDisconnectedError whether or not the connection was
     reused, so `force_close=True` (this `http` session) does NOT prevent a double write."""
     task = next(t for t in sb.state.secmaster if t.status == "waiting")

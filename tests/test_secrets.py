@@ -11,9 +11,7 @@ database (every table and view dumped as text; on SQLite the raw database and WA
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,8 +20,8 @@ import anyio
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Database, run_cli
-from tests.helpers import count
+from tests.support.cli import clean_env, run_cli, tasksync_argv
+from tests.support.db import Database, count
 from worker.sandbox import Sandbox
 from worker.sandbox.auth import TokenStore
 from worker.store import Store
@@ -215,8 +213,8 @@ async def test_no_secret_in_any_output_or_in_the_database(
         async with store.engine.begin() as conn:  # everything due: the daemon syncs it all
             await conn.execute(sa.text("UPDATE tasks SET next_poll_at = CURRENT_TIMESTAMP"))
         daemon_log = tmp_path / "daemon.log"
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSYNC_")} | env
-        cmd = [sys.executable, "-m", "worker", "--config", str(config), "--log-level", "debug"]
+        full_env = clean_env(env)
+        cmd = tasksync_argv("--config", str(config), "--log-level", "debug")
         with daemon_log.open("wb") as log:
             process = await anyio.open_process([*cmd, "run"], env=full_env, stdout=log, stderr=log)
             try:

@@ -4,11 +4,9 @@ with a fake systemd notify socket. Plus the pure parts of worker.service in-proc
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,7 +22,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from tests.conftest import PG_URL, Database, run_cli
+from tests.support.cli import clean_env, run_cli, spawn_cli
+from tests.support.db import PG_URL, Database
 from worker.config import Schedule, Settings
 from worker.sandbox import Sandbox
 from worker.service import Daemon, GatedStore, Health, Pulse, _trigger, _wedge_target
@@ -116,11 +115,7 @@ class DaemonProcess:
 
 
 def daemon_env(db: Database, notify: NotifySocket | None, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TASKSYNC_", "NOTIFY_SOCKET", "WATCHDOG_"))
-    }
+    env = clean_env()
     env.update(
         TASKSYNC_DATABASE__URL=db.url,
         TASKSYNC_WORKER__SYNC_SCHEDULE="2s",
@@ -143,8 +138,10 @@ async def daemon(
     config.chmod(0o600)
     log = tmp_path / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--config", str(config), "run"],
+        proc = spawn_cli(
+            "--config",
+            str(config),
+            "run",
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import anyio
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Database
-from tests.helpers import clients, count, rows, settings_for, track_all
+from tests.support.cli import clean_env, tasksync_argv
+from tests.support.db import Database, count, rows
+from tests.support.sandbox import clients, settings_for, track_all
 from worker.sandbox import Sandbox
 from worker.store import Store
 from worker.sync import SyncCycle, discover
@@ -251,10 +251,8 @@ async def test_two_sync_processes_split_2000_tasks(
         config.write_text(sb.config_toml())
         config.chmod(0o600)
         env = {"TASKSYNC_DATABASE__URL": database.url, "TASKSYNC_WORKER__BATCH_SIZE": "50"}
-        import os
-
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSYNC_")} | env
-        cmd = [sys.executable, "-m", "worker", "--config", str(config), "sync", "--quiet"]
+        full_env = clean_env(env)
+        cmd = tasksync_argv("--config", str(config), "sync", "--quiet")
         results = []
         with anyio.fail_after(90):
             async with anyio.create_task_group() as tg:

@@ -7,9 +7,7 @@ Huawei's API gateway does; its `down` fault takes one system out.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import tomllib
 from datetime import datetime
@@ -20,7 +18,8 @@ import anyio
 import pytest
 
 from tests.conftest import Database
-from tests.helpers import count, rows
+from tests.support.cli import run_cli_async
+from tests.support.db import count, rows
 from worker.sandbox import Sandbox
 from worker.store import Store
 
@@ -51,12 +50,9 @@ def write_config(
 async def tasksync(
     database: Database, config: Path, *args: str
 ) -> tuple[subprocess.CompletedProcess[bytes], float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSYNC_")}
-    env["TASKSYNC_DATABASE__URL"] = database.url
+    env = {"TASKSYNC_DATABASE__URL": database.url}
     started = time.monotonic()
-    result = await anyio.run_process(
-        [sys.executable, "-m", "worker", "--config", str(config), *args], env=env, check=False
-    )
+    result = await run_cli_async("--config", str(config), *args, env=env)
     return result, time.monotonic() - started
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.web import json_response, serve
 from worker.config import AiccSettings, KooDriveSettings, SecMasterSettings, Settings
 from worker.hashing import canonical_json, content_hash
 from worker.model import State
@@ -50,27 +49,6 @@ TASK = "ccqG0000014iXvGKONQO"
 SM_TASK = "3e4c170e-7cc9-11f0-9216-fa163e209978"
 
 
-@asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
-def json_response(obj: Any, status: int = 200, **headers: str) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(obj),
-        status=status,
-        headers={"Content-Type": "application/json", **headers},
-    )
-
-
 def no_secrets(error: BaseException) -> str:
     text = str(error)
     assert not any(secret in text for secret in SECRETS), text
@@ -93,7 +71,7 @@ def aicc_result(task_id: str, status: str = "Pending") -> dict[str, Any]:
 
 
 class FakeAicc:
-    """OAuth2 client-credentials token + task detail/process/list, as seeds 000/001 describe."""
+    """OAuth2 client-credentials token + task detail/process/list, as docs/upstream.md describes."""
 
     def __init__(
         self, *, expires_in: object = 7200, signal: str = "http401", token_delay: float = 0.0

@@ -1,7 +1,7 @@
 """The `tasksync` command line: parse, call one function, print. No business logic here.
 
-Exit status (interface.md): 0 success; 2 bad usage or input; 78 bad configuration; 1 anything
-else. A user error never prints a traceback.
+Exit status (docs/interface.md): 0 success; 2 bad usage or input; 78 bad configuration; 1
+anything else. A user error never prints a traceback.
 """
 
 from __future__ import annotations

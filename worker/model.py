@@ -18,7 +18,7 @@ JSON = Any  # a value decoded from JSON: dict, list, str, int, float, bool or No
 
 
 class State(enum.StrEnum):
-    """The normalised task state (upstream.md, "Normalised state")."""
+    """The normalised task state (docs/upstream.md, "Normalised state")."""
 
     OPEN = "open"
     IN_PROGRESS = "in_progress"

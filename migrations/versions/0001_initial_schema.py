@@ -11,13 +11,26 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import worker.store.schema
-from worker.store.schema import VIEWS
-
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+# Written out here, not imported from worker/store/schema.py: an applied revision must never
+# change when the live schema does. UTCDateTime columns are plain DateTime(timezone=True) in DDL.
+VIEWS = {
+    "latest_snapshots": """
+        SELECT s.id, s.system, s.task_id, s.seq, s.fetched_at, s.content_hash, s.status, s.state,
+               t.title, t.tracked, s.payload
+        FROM tasks t JOIN task_snapshots s
+          ON s.system = t.system AND s.task_id = t.task_id AND s.seq = t.snapshot_seq
+    """,
+    "action_queue": """
+        SELECT id, system, task_id, kind, params, status, attempts, max_attempts,
+               next_attempt_at, idempotency_key, last_error, created_at, updated_at
+        FROM actions WHERE status IN ('pending', 'running')
+    """,
+}
 
 NOTIFY_FUNCTION = """
 CREATE OR REPLACE FUNCTION tasksync_notify_actions() RETURNS trigger AS $$
@@ -52,7 +65,7 @@ def upgrade() -> None:
         sa.Column("max_attempts", sa.Integer(), nullable=True),
         sa.Column(
             "next_attempt_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
@@ -65,19 +78,19 @@ def upgrade() -> None:
         ),
         sa.Column(
             "created_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
         sa.Column(
             "updated_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
-        sa.Column("finished_at", worker.store.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("lease_owner", sa.String(length=255), nullable=True),
-        sa.Column("lease_until", worker.store.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("baseline", sa.Integer(), nullable=True),
         sa.CheckConstraint(
             "status IN ('pending', 'running', 'succeeded', 'failed', 'canceled')",
@@ -108,11 +121,11 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=16), server_default="sync", nullable=False),
         sa.Column(
             "started_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
-        sa.Column("finished_at", worker.store.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("polled", sa.Integer(), server_default="0", nullable=False),
         sa.Column("changed", sa.Integer(), server_default="0", nullable=False),
         sa.Column("failed", sa.Integer(), server_default="0", nullable=False),
@@ -132,10 +145,10 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("dedup_key", sa.String(length=255), nullable=False),
         sa.Column("snapshot_seq", sa.Integer(), nullable=True),
-        sa.Column("occurred_at", worker.store.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "observed_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
@@ -171,7 +184,7 @@ def upgrade() -> None:
         sa.Column("seq", sa.Integer(), nullable=False),
         sa.Column(
             "fetched_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
@@ -206,15 +219,15 @@ def upgrade() -> None:
         sa.Column("snapshot_seq", sa.Integer(), server_default="0", nullable=False),
         sa.Column(
             "first_seen_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
-        sa.Column("last_polled_at", worker.store.schema.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("last_changed_at", worker.store.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_polled_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_changed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column(
             "next_poll_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
@@ -222,7 +235,7 @@ def upgrade() -> None:
         sa.Column("consecutive_failures", sa.Integer(), server_default="0", nullable=False),
         sa.Column("not_found", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column("lease_owner", sa.String(length=255), nullable=True),
-        sa.Column("lease_until", worker.store.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tasks")),
         sa.UniqueConstraint("system", "task_id", name=op.f("uq_tasks_system_task_id")),
     )
@@ -244,11 +257,11 @@ def upgrade() -> None:
         ),
         sa.Column(
             "started_at",
-            worker.store.schema.UTCDateTime(timezone=True),
+            sa.DateTime(timezone=True),
             server_default=sa.text("(CURRENT_TIMESTAMP)"),
             nullable=False,
         ),
-        sa.Column("finished_at", worker.store.schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("outcome", sa.String(length=16), nullable=True),
         sa.Column("http_status", sa.Integer(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),

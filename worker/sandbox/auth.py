@@ -111,7 +111,7 @@ class Authenticator:
         self.iam_tokens = iam_tokens
         self.wall_clock = wall_clock
         # SecMaster locks an AK/SK for 5 minutes after five failed authentications in a row
-        # (upstream.md). Off unless asked for: it would make unrelated tests order-dependent.
+        # (docs/upstream.md). Off unless asked for: it would make unrelated tests order-dependent.
         self.aksk_lockout = aksk_lockout
         self.aksk_failures = 0
         self._locked_until = 0.0

@@ -3,7 +3,7 @@
 A task's static content derives from its 64-bit number `n`: what repeats across tasks (texts,
 people) comes from one of VARIANTS half-filled templates, what is unique (ids, dates) and what
 changes (status, trace, comments) is spliced in per render, 10-20 µs per task. Field sets,
-key order and sizes follow the vendors' examples in shared/seeds/.
+key order and sizes follow the vendors' examples (docs/sources.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A task keeps only a 64-bit derivation number `n` plus its small mutable state; e
 (titles, people, dates, customer records) is derived from `n` when the payload is rendered. The
 payloads are rendered by splicing pre-serialised JSON fragments into a pre-serialised template,
 a few microseconds per task, so 100,000 tasks per system need neither much memory nor much CPU.
-Field sets and sizes follow the examples in the vendors' documents (shared/seeds/).
+Field sets and sizes follow the examples in the vendors' documents (docs/sources.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The database schema as SQLAlchemy Core tables: the one definition Alembic checks against.
 
-Columns named in the contract (interface.md, "Database") are what users query; the lease and
-bookkeeping columns are ours. Every column a user may leave out of a plain SQL INSERT has a
+Columns named in the contract (docs/interface.md, "Database") are what users query; the lease
+and bookkeeping columns are ours. Every column a user may leave out of a plain SQL INSERT has a
 database-side default, so `INSERT INTO actions (system, task_id, kind, params)` works on both
 PostgreSQL and SQLite.
 """
@@ -215,17 +215,5 @@ discovery_walks = sa.Table(
     sa.Index(None, "system", "id"),
 )
 
-# Convenience views for people querying with SQL (created by the first migration).
-VIEWS = {
-    "latest_snapshots": """
-        SELECT s.id, s.system, s.task_id, s.seq, s.fetched_at, s.content_hash, s.status, s.state,
-               t.title, t.tracked, s.payload
-        FROM tasks t JOIN task_snapshots s
-          ON s.system = t.system AND s.task_id = t.task_id AND s.seq = t.snapshot_seq
-    """,
-    "action_queue": """
-        SELECT id, system, task_id, kind, params, status, attempts, max_attempts,
-               next_attempt_at, idempotency_key, last_error, created_at, updated_at
-        FROM actions WHERE status IN ('pending', 'running')
-    """,
-}
+# The views for people querying with SQL (latest_snapshots, action_queue) are written out in
+# the revisions that create them, not here: Alembic does not track views.

@@ -1,8 +1,8 @@
-"""AICC case tasks (seeds 000/001): OAuth2 client-credentials token, task detail, process, list.
+"""AICC case tasks (docs/upstream.md): OAuth2 client-credentials token, detail, process, list.
 
 Envelope: `{"resCode": "0", "resMsg": ..., "result": ...}`. Success is the *string* "0" only;
 errors come with HTTP 200 as well as 4xx/5xx. How AICC signals an expired token is **unknown**
-(upstream.md): a 401/403, or a non-"0" resCode whose code or message mentions
+(docs/upstream.md): a 401/403, or a non-"0" resCode whose code or message mentions
 token/auth/expired, triggers one shared token renewal and one retry.
 """
 

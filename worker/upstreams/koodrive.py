@@ -1,11 +1,11 @@
-"""KooDrive OSE tasks (seed 003): read-only task detail.
+"""KooDrive OSE tasks (docs/upstream.md): read-only task detail.
 
 The answer is flat (no `result` wrapper) and is stored whole. `code` 0 means success; it is
 documented as a string and returned as a number, so both 0 and "0" are accepted. Errors are
 `{"code": 13000xxx, "msg": ...}` with HTTP 200, 400 (authentication failed), 401 or 500.
 
-Where the bearer token comes from is **unknown** (upstream.md): it is taken from the settings,
-and after a refusal it is re-read once from `$CREDENTIALS_DIRECTORY/koodrive_token` (systemd
+Where the bearer token comes from is **unknown**: it is taken from the settings, and after a
+refusal it is re-read once from `$CREDENTIALS_DIRECTORY/koodrive_token` (systemd
 `LoadCredential=`), so an operator can rotate it without a restart.
 """
 
@@ -130,7 +130,7 @@ class KooDriveClient:
             return {"Authorization": f"Bearer {self._token}"}
         settings = self._settings
         assert settings.app_id and settings.app_secret and settings.user_id  # config: app mode
-        # X-Date is now truncated to the second, so it is never in the future (upstream.md).
+        # X-Date is now truncated to the second, so it is never in the future (docs/upstream.md).
         return sign_app(
             method,
             url,

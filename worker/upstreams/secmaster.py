@@ -1,6 +1,6 @@
-"""SecMaster to-do tasks (seed 002): ShowTask, UpdateTask (PUT), ListTasks.
+"""SecMaster to-do tasks (docs/upstream.md): ShowTask, UpdateTask (PUT), ListTasks.
 
-Three auth modes (upstream.md): AK/SK request signing (X-Project-Id sent and signed), an IAM
+Three auth modes: AK/SK request signing (X-Project-Id sent and signed), an IAM
 password token (X-Subject-Token, re-authenticated once on 401), or a fixed X-Auth-Token.
 
 Envelope decision: success needs HTTP 2xx and `code == "00000000"` (a string: the number 0 is a

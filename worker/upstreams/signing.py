@@ -153,7 +153,7 @@ def app_signature(
     body: bytes,
     secret: str,
 ) -> str:
-    """KooDrive app auth: StringToSign has no date line (upstream.md). No official vector."""
+    """KooDrive app auth: StringToSign has no date line (docs/upstream.md). No official vector."""
     canonical = canonical_request(method, path, query, headers, APP_SIGNED, body)
     request_hash = hashlib.sha256(canonical.encode()).hexdigest()
     return _hmac(secret, f"{APP_ALGORITHM}\n{request_hash}")

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,8 +30,8 @@ import orjson
 import sqlalchemy as sa
 from anyio.abc import Process
 
-from tests.conftest import Database
-from tests.helpers import rows
+from tests.support.cli import clean_env, tasksync_argv
+from tests.support.db import Database, rows
 from worker.model import SYSTEMS, System
 from worker.sandbox import Sandbox
 from worker.sandbox.state import Effect
@@ -59,8 +57,7 @@ CHAOS_ENV = {
 
 
 def base_env(database_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSYNC_")}
-    return env | CHAOS_ENV | {"TASKSYNC_DATABASE__URL": database_url}
+    return clean_env(CHAOS_ENV | {"TASKSYNC_DATABASE__URL": database_url})
 
 
 def chaos_config(sb: Sandbox, path: Path, timeout: float = 1.0) -> Path:
@@ -427,7 +424,7 @@ async def run_chaos(
     async with Sandbox(seed=seed, tasks_per_system=tasks_per_system) as sb:
         config = chaos_config(sb, tmp_path / "tasksync.toml")
         env = base_env(database.url)
-        cmd = [sys.executable, "-m", "worker", "--config", str(config)]
+        cmd = tasksync_argv("--config", str(config))
         for system in SYSTEMS:
             await store.track(system, sb.task_ids(system))
         plan = make_plan(sb, rng, actions, cli_share)

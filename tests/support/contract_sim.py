@@ -1,7 +1,7 @@
 """A minimal, independent simulator of the three upstream APIs, for the contract suite.
 
-Written from /work/shared/spec/upstream.md and the seed documents only: it shares no code with
-`worker.sandbox` (nor with the clients), so a wrong assumption baked into both our sandbox and
+Written from docs/upstream.md and the vendor documents (docs/sources.md) only: it shares no
+code with `worker.sandbox` (nor with the clients), so a wrong assumption baked into both our sandbox and
 our clients shows up here. It implements just the documented wire format:
 
 - AICC: OAuth2 token (form body, `expires_in` as a string or a number), detail, process, list;
@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-AICC_CT = "application/json%3Bcharset=UTF-8"  # as the AICC seed documents it (escaped ';')
+AICC_CT = "application/json%3Bcharset=UTF-8"  # as AICC's document shows it (escaped ';')
 
 CLIENT_ID = "contract-client"
 CLIENT_SECRET = "contract-secret-9f1e"
@@ -66,7 +66,7 @@ class Seen:
 def aicc_task(
     task_id: str, status: str = "Pending", title: str = "contract task"
 ) -> dict[str, Any]:
-    """An AICC `result` object shaped like seed 001."""
+    """An AICC `result` object shaped like the documented detail answer."""
     return {
         "caseInfos": [],
         "customerInfo": {},
@@ -104,7 +104,7 @@ def aicc_task(
 
 
 def secmaster_task(task_id: str, status: str = "waiting", name: str = "contract todo") -> dict:
-    """A SecMaster TaskInfo shaped like seed 002."""
+    """A SecMaster TaskInfo shaped like the documented UpdateTask answer."""
     return {
         "id": task_id,
         "aopengine_task_id": task_id,
@@ -141,7 +141,7 @@ def secmaster_task(task_id: str, status: str = "waiting", name: str = "contract 
 
 
 def koodrive_task(task_id: str, status: int = 0, code: Any = 0) -> dict[str, Any]:
-    """A KooDrive task body shaped like seed 003 (flat, no wrapper)."""
+    """A KooDrive task body shaped like the documented detail answer (flat, no wrapper)."""
     body: dict[str, Any] = {
         "taskId": task_id,
         "taskName": "contract transfer",
