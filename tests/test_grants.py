@@ -221,6 +221,30 @@ async def test_a_reader_reads_every_table_and_view_and_writes_nothing(granted: C
         await conn.close()
 
 
+async def test_a_submitter_cancels_only_its_own_pending_actions(granted: Cluster) -> None:
+    c = granted
+    owner = await c.connect(c.owner)
+    bridge = await c.connect(c.submitter)
+    dashboard = await c.connect(c.reader)
+    try:
+        mine, running, theirs = [(await bridge.fetchrow(REQUEST, t))["id"] for t in "abc"]
+        await owner.execute("UPDATE actions SET status = 'running' WHERE id = $1", running)
+        await owner.execute("UPDATE actions SET requested_by = 'someone' WHERE id = $1", theirs)
+        cancel = "SELECT tasksync_cancel($1)"
+        assert [await bridge.fetchval(cancel, i) for i in (mine, mine, running, theirs)] == [
+            True,
+            False,  # already canceled
+            False,  # claimed by a worker: too late
+            False,  # not its own
+        ]
+        assert await refused(dashboard, f"SELECT tasksync_cancel({theirs})")
+        statuses = await owner.fetch("SELECT status FROM actions ORDER BY id")
+    finally:
+        for conn in (owner, bridge, dashboard):
+            await conn.close()
+    assert [r["status"] for r in statuses] == ["canceled", "running", "pending"]
+
+
 async def test_grants_are_idempotent_and_exact(granted: Cluster) -> None:
     c = granted
     again = await anyio.to_thread.run_sync(
@@ -258,6 +282,14 @@ async def test_grants_survive_migrate(cluster: Cluster) -> None:
     try:
         row = await conn.fetchrow(REQUEST, "t")
         assert row is not None and row["requested_by"] == c.submitter
+        # a new capability (0002's cancel function) waits for grants to be run again
+        assert await refused(conn, f"SELECT tasksync_cancel({row['id']})")
+        sql = await anyio.to_thread.run_sync(
+            lambda: c.grant_sql("--reader", c.reader, "--submitter", c.submitter)
+        )
+        await c.run_as(c.owner, sql)
+        assert await conn.fetchval("SELECT tasksync_cancel($1)", row["id"]) is True
+        assert await conn.fetchrow(REQUEST, "t") is not None
     finally:
         await conn.close()
     # what a future revision may do: a new table, a view dropped and created again
@@ -271,7 +303,7 @@ async def test_grants_survive_migrate(cluster: Cluster) -> None:
         conn = await c.connect(role)
         try:
             assert await conn.fetch("SELECT * FROM later_table") == []
-            assert len(await conn.fetch("SELECT * FROM action_queue")) == 1
+            assert len(await conn.fetch("SELECT * FROM action_queue")) == 1  # one pending
             assert await refused(conn, "INSERT INTO later_table (note) VALUES ('x')")
         finally:
             await conn.close()

@@ -17,6 +17,25 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# A submitter may cancel its own pending actions through this function and no other way: it
+# runs as the owner (SECURITY DEFINER) but only sets a pending action that the calling login
+# role requested to canceled, the same transition as `tasksync cancel`. Nobody may call it until
+# `tasksync grants --submitter` grants EXECUTE. search_path is pinned, as a definer function's
+# must be, so a caller cannot slip its own `actions` in front of ours.
+CANCEL_FUNCTION = """
+CREATE OR REPLACE FUNCTION tasksync_cancel(action_id bigint) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = {schema}, pg_temp AS $$
+    WITH canceled AS (
+        UPDATE actions
+        SET status = 'canceled', finished_at = CURRENT_TIMESTAMP,
+            updated_at = CURRENT_TIMESTAMP, lease_owner = NULL, lease_until = NULL
+        WHERE id = action_id AND status = 'pending' AND requested_by = session_user
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM canceled)
+$$
+"""
+
 
 def upgrade() -> None:
     # PostgreSQL: DEFAULT CURRENT_USER, so an INSERT by plain SQL records the inserting role
@@ -27,7 +46,13 @@ def upgrade() -> None:
         "actions",
         sa.Column("requested_by", sa.Text(), server_default=CurrentUser(), nullable=True),
     )
+    if op.get_bind().dialect.name == "postgresql":
+        schema = op.get_bind().scalar(sa.text("SELECT quote_ident(current_schema())"))
+        op.execute(CANCEL_FUNCTION.format(schema=schema))
+        op.execute("REVOKE ALL ON FUNCTION tasksync_cancel(bigint) FROM PUBLIC")
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP FUNCTION IF EXISTS tasksync_cancel(bigint)")
     op.execute("ALTER TABLE actions DROP COLUMN requested_by")  # SQLite 3.35+ and PostgreSQL

@@ -47,6 +47,7 @@ class GrantTarget:
     relations: tuple[str, ...]  # the READABLE relations that exist, in READABLE order
     sequences: tuple[str, ...]  # the sequences behind our id columns
     actions_sequence: str
+    has_cancel: bool  # tasksync_cancel(bigint), from revision 0002 on
 
 
 def check_role_name(name: str) -> str:
@@ -106,6 +107,12 @@ async def find_target(conn: AsyncConnection, roles: Sequence[str]) -> GrantTarge
         .scalars()
         .all()
     )
+    has_cancel = await conn.scalar(
+        sa.text(
+            "SELECT to_regprocedure(quote_ident(current_schema()) "
+            "|| '.tasksync_cancel(bigint)') IS NOT NULL"
+        )
+    )
     known: dict[str, bool] = dict(
         (
             await conn.execute(
@@ -129,6 +136,7 @@ async def find_target(conn: AsyncConnection, roles: Sequence[str]) -> GrantTarge
         relations=tuple(r for r in READABLE if r in existing),
         sequences=tuple(str(s) for s in sequences),
         actions_sequence=actions_sequence,
+        has_cancel=bool(has_cancel),
     )
 
 
@@ -154,10 +162,12 @@ def grant_sql(target: GrantTarget, readers: Sequence[str], submitters: Sequence[
             if submits
             else ("reader: SELECT on every table and view, nothing else")
         )
+        cancel = f"{schema}.tasksync_cancel(bigint)" if target.has_cancel else None
         lines += [
             f"-- {what}",
             f"REVOKE ALL ON TABLE {relations} FROM {who};",
             *([f"REVOKE ALL ON SEQUENCE {sequences} FROM {who};"] if sequences else []),
+            *([f"REVOKE ALL ON FUNCTION {cancel} FROM {who};"] if cancel else []),
             f"GRANT USAGE ON SCHEMA {schema} TO {who};",
             f"GRANT SELECT ON TABLE {relations} TO {who};",
             # tables and views a later revision creates (as the owner) are readable too
@@ -170,6 +180,8 @@ def grant_sql(target: GrantTarget, readers: Sequence[str], submitters: Sequence[
             lines += [
                 f"GRANT INSERT ({columns}) ON TABLE {schema}.actions TO {who};",
                 f"GRANT USAGE ON SEQUENCE {target.actions_sequence} TO {who};",
+                # cancel its own pending actions, and nothing else (see the migration 0002)
+                *([f"GRANT EXECUTE ON FUNCTION {cancel} TO {who};"] if cancel else []),
             ]
     lines.append("COMMIT;")
     return "\n".join(lines) + "\n"
