@@ -10,8 +10,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from worker.store.schema import CurrentUser
-
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
@@ -38,15 +36,14 @@ $$
 
 
 def upgrade() -> None:
-    # PostgreSQL: DEFAULT CURRENT_USER, so an INSERT by plain SQL records the inserting role
-    # (existing rows keep NULL: nobody knows who queued them). SQLite: DEFAULT NULL.
     # A plain ADD COLUMN, not a batch: on SQLite a batch would copy and drop `actions`, which
-    # the views and the grants refer to.
-    op.add_column(
-        "actions",
-        sa.Column("requested_by", sa.Text(), server_default=CurrentUser(), nullable=True),
-    )
+    # the views and the grants refer to. The default comes second: given with ADD COLUMN,
+    # PostgreSQL would fill the existing rows with the migrating role, but nobody knows who
+    # queued those, so they keep NULL.
+    op.add_column("actions", sa.Column("requested_by", sa.Text(), nullable=True))
     if op.get_bind().dialect.name == "postgresql":
+        # DEFAULT CURRENT_USER (schema.CurrentUser): a plain SQL insert records its role
+        op.execute("ALTER TABLE actions ALTER COLUMN requested_by SET DEFAULT CURRENT_USER")
         schema = op.get_bind().scalar(sa.text("SELECT quote_ident(current_schema())"))
         op.execute(CANCEL_FUNCTION.format(schema=schema))
         op.execute("REVOKE ALL ON FUNCTION tasksync_cancel(bigint) FROM PUBLIC")
