@@ -134,8 +134,16 @@ def build_parser() -> Parser:
     )
     sub.add_parser("demo", help="an end-to-end run on SQLite against the sandbox")
     p = sub.add_parser("grants", help="PostgreSQL: print the SQL granting roles read or submit")
-    p.add_argument("--reader", action="append", default=[], metavar="ROLE")
-    p.add_argument("--submitter", action="append", default=[], metavar="ROLE")
+    p.add_argument(
+        "--reader", action="append", default=[], metavar="ROLE", help="SELECT only (repeatable)"
+    )
+    p.add_argument(
+        "--submitter",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        help="a reader that may also INSERT requests into actions (repeatable)",
+    )
     return parser
 
 
