@@ -99,6 +99,11 @@ def build_parser() -> Parser:
         metavar="N",
         help="attempts before the action fails (default: retry.max_attempts)",
     )
+    p.add_argument(
+        "--requested-by",
+        metavar="TEXT",
+        help="who asked, for a wrapper acting for a person (default: the database role)",
+    )
     sub.add_parser("apply", help="apply every due action, then exit")
     sub.add_parser("run", help="the daemon: scheduled sync, actions and discovery")
     p = sub.add_parser("status", help="tasks, action queue, last cycles, failing tasks")
@@ -133,6 +138,17 @@ def build_parser() -> Parser:
         "--mutate-every", type=float, metavar="SECONDS", help="change random tasks on a timer"
     )
     sub.add_parser("demo", help="an end-to-end run on SQLite against the sandbox")
+    p = sub.add_parser("grants", help="PostgreSQL: print the SQL granting roles read or submit")
+    p.add_argument(
+        "--reader", action="append", default=[], metavar="ROLE", help="SELECT only (repeatable)"
+    )
+    p.add_argument(
+        "--submitter",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        help="a reader that may also INSERT requests into actions (repeatable)",
+    )
     return parser
 
 
@@ -322,6 +338,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise InvalidInput("--key must be 1 to 255 characters")
     if args.max_attempts is not None and not 1 <= args.max_attempts <= 1000:
         raise InvalidInput("--max-attempts must be between 1 and 1000")
+    by = args.requested_by
+    if by is not None and (not by.strip() or len(by) > 255 or not by.isprintable()):
+        raise InvalidInput("--requested-by must be 1 to 255 printable characters")
     loaded = _config(args)
     aicc = loaded.settings.systems.aicc
     if (
@@ -337,7 +356,13 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         lambda: _with_store(
             loaded,
             lambda store: store.enqueue(
-                system, task_id, spec.kind, params, key=args.key, max_attempts=args.max_attempts
+                system,
+                task_id,
+                spec.kind,
+                params,
+                key=args.key,
+                max_attempts=args.max_attempts,
+                requested_by=by,
             ),
         )
     )
@@ -370,6 +395,7 @@ def cmd_actions(args: argparse.Namespace) -> int:
                 "next attempt",
                 "last error",
                 "params",
+                "requested by",
             ),
             [
                 (
@@ -382,6 +408,7 @@ def cmd_actions(args: argparse.Namespace) -> int:
                     r["next_attempt_at"] if r["status"] == "pending" else None,
                     r["last_error"],
                     r["params"],
+                    r["requested_by"],
                 )
                 for r in rows
             ],
@@ -565,12 +592,22 @@ def _format_show(shown: dict[str, Any]) -> str:
         out += ["History: none yet", ""]
     if shown["actions"]:
         rows = [
-            (a["id"], a["kind"], a["status"], a["attempts"], a["last_error"], a["params"])
+            (
+                a["id"],
+                a["kind"],
+                a["status"],
+                a["attempts"],
+                a["last_error"],
+                a["params"],
+                a["requested_by"],
+            )
             for a in shown["actions"]
         ]
         out += [
             "Actions",
-            table(("id", "action", "status", "tries", "last error", "params"), rows),
+            table(
+                ("id", "action", "status", "tries", "last error", "params", "requested by"), rows
+            ),
             "",
         ]
     if shown["snapshot"]:
@@ -634,6 +671,27 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         raise InvalidInput(str(exc)) from None
 
 
+def cmd_grants(args: argparse.Namespace) -> int:
+    from worker.store.grants import GrantsError, GrantsUnsupported, build_grants, check_role_name
+
+    try:
+        readers = [check_role_name(r) for r in args.reader]
+        submitters = [check_role_name(r) for r in args.submitter]
+    except ValueError as exc:
+        raise InvalidInput(f"grants: {exc}") from None
+    if not readers and not submitters:
+        raise InvalidInput("grants: name at least one --reader ROLE or --submitter ROLE")
+    loaded = _config(args)
+    try:
+        sql = build_grants(loaded.settings.database.url, readers, submitters)
+    except GrantsUnsupported as exc:
+        raise InvalidInput(str(exc)) from None
+    except GrantsError as exc:
+        raise CommandFailed(f"grants: {exc}") from None
+    print(sql, end="")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -656,6 +714,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "retry": cmd_retry,
     "sandbox": cmd_sandbox,
     "demo": cmd_demo,
+    "grants": cmd_grants,
 }
 
 assert {kind for _, kind in ACTIONS} <= {

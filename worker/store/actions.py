@@ -52,9 +52,11 @@ class ActionStore(StoreBase):
         key: str | None = None,
         max_attempts: int | None = None,
         now: datetime | None = None,
+        requested_by: str | None = None,
     ) -> tuple[int, bool]:
         """Queue an action and track its task. Returns (id, created); with an idempotency key
-        already used, the existing action's id and False."""
+        already used, the existing action's id and False. Without `requested_by` the column's
+        default records the database role (PostgreSQL) or nothing (SQLite)."""
         now = now or utcnow()
         row = {
             "system": system,
@@ -67,6 +69,8 @@ class ActionStore(StoreBase):
             "created_at": now,
             "updated_at": now,
         }
+        if requested_by is not None:
+            row["requested_by"] = requested_by
         async with self.engine.begin() as conn:
             await conn.execute(
                 self.insert(tasks).on_conflict_do_nothing(),
@@ -421,6 +425,7 @@ def _action_columns() -> sa.Select[Any]:
         actions.c.created_at,
         actions.c.updated_at,
         actions.c.finished_at,
+        actions.c.requested_by,
     )
 
 

@@ -125,6 +125,7 @@ class ReportStore(StoreBase):
                         actions.c.last_error,
                         actions.c.created_at,
                         actions.c.finished_at,
+                        actions.c.requested_by,
                     )
                     .where(actions.c.system == system, actions.c.task_id == task_id)
                     .order_by(actions.c.id)

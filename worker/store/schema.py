@@ -14,6 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 
 metadata = sa.MetaData(
     naming_convention={
@@ -58,6 +60,24 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 Json = sa.JSON().with_variant(JSONB(), "postgresql")
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 NOW = sa.text("CURRENT_TIMESTAMP")
+
+
+class CurrentUser(sa.sql.expression.ColumnElement[str]):
+    """The inserting session's role as a column default (`actions.requested_by`): a plain SQL
+    INSERT records who made it. SQLite has no roles, so there the default is NULL."""
+
+    inherit_cache = True
+    type = sa.Text()
+
+
+@compiles(CurrentUser, "postgresql")
+def _current_user_postgresql(element: CurrentUser, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CURRENT_USER"
+
+
+@compiles(CurrentUser)
+def _current_user_other(element: CurrentUser, compiler: SQLCompiler, **kw: Any) -> str:
+    return "NULL"
 
 
 def _ts(name: str, *, default: bool = False, nullable: bool = True) -> sa.Column[datetime]:
@@ -146,6 +166,9 @@ actions = sa.Table(
     sa.Column("lease_owner", sa.String(255)),
     _ts("lease_until"),
     sa.Column("baseline", sa.Integer()),
+    # who queued it: the database role (a column a submitter cannot write), or enqueue's
+    # --requested-by
+    sa.Column("requested_by", sa.Text(), server_default=CurrentUser()),
     sa.CheckConstraint(
         "status IN ('pending', 'running', 'succeeded', 'failed', 'canceled')", name="status"
     ),
