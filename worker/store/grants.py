@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from worker.store.schema import VIEWS, metadata
+from worker.store.schema import VIEW_NAMES, metadata
 
 # What a request needs; every other column (status, attempts, result, leases, requested_by, the
 # timestamps) is left to its default and to the daemon.
@@ -25,7 +25,7 @@ SUBMIT_COLUMNS = ("system", "task_id", "kind", "params", "idempotency_key", "max
 
 # Every relation users query, plus alembic_version so a reader's `tasksync status`, `show` and
 # `actions` can check the schema revision before they read.
-READABLE = (*metadata.tables, *VIEWS, "alembic_version")
+READABLE = (*metadata.tables, *VIEW_NAMES, "alembic_version")
 
 _RESERVED = ("public", "current_user", "current_role", "session_user", "none")
 
