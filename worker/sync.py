@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from anyio.abc import TaskGroup
 from worker.backoff import poll_delay
 from worker.config import Settings
 from worker.diff import diff
+from worker.metrics import observe_cycle, observe_polls
 from worker.model import Fetched, System
 from worker.store import ClaimedTask, PollResult, Store, utcnow
 from worker.upstreams.base import ErrorKind, Upstream, UpstreamError
@@ -126,6 +128,7 @@ class SyncCycle:
         """Poll every due task (or every tracked one) of the chosen systems once."""
         wanted = [s for s in (systems or self.upstreams) if s in self.upstreams]
         stats = CycleStats()
+        started = time.monotonic()
         stats.run_id = await self.store.start_run(self.worker, "sync")
         cfg = self.settings.worker
         due_before = None if all_tasks else utcnow()
@@ -175,6 +178,7 @@ class SyncCycle:
                 await self.store.finish_run(
                     stats.run_id, polled=stats.polled, changed=stats.changed, failed=stats.failed
                 )
+            observe_cycle("sync", started)
         return stats
 
     async def _fetcher(
@@ -215,6 +219,7 @@ class SyncCycle:
             results = await self._results(batch.tasks, batch.fetched)
             await self.store.write_results(self.worker, results)
             stats.add(results)
+            observe_polls(results)
         finally:
             batch_slots.release()
 
@@ -313,6 +318,7 @@ async def discover(
 ) -> DiscoverStats:
     """Page through each system's list endpoint and track the tasks not tracked yet."""
     stats = DiscoverStats()
+    started = time.monotonic()
     run_id = await store.start_run(worker, "discover")
     try:
         for system, upstream in upstreams.items():
@@ -338,4 +344,5 @@ async def discover(
             await store.finish_run(
                 run_id, polled=stats.seen, changed=0, failed=len(stats.failed), discovered=stats.new
             )
+        observe_cycle("discover", started)
     return stats

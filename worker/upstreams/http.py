@@ -52,6 +52,7 @@ from aiolimiter import AsyncLimiter
 from pydantic import SecretStr
 from yarl import URL
 
+from worker.metrics import observe_request
 from worker.model import JSON, System
 from worker.upstreams.base import ErrorKind, UpstreamError
 from worker.upstreams.signing import encode_query
@@ -360,6 +361,7 @@ class HttpClient:
         if attempt is not None:
             extra = {"trace_request_ctx": attempt, "middlewares": (attempt.guard,)}
         started = time.perf_counter()
+        code: int | str = "error"  # for the metrics: a transport failure unless a status came
         try:
             async with session.request(
                 method,
@@ -369,6 +371,7 @@ class HttpClient:
                 allow_redirects=False,
                 **extra,
             ) as response:
+                code = response.status
                 if 300 <= response.status < 400:
                     raise self._redirect(response, task_id)
                 try:
@@ -389,6 +392,8 @@ class HttpClient:
             raise self.error(
                 ErrorKind.PERMANENT, f"request could not be built: {exc}", task_id=task_id
             ) from None
+        finally:
+            observe_request(self.system, code, time.perf_counter() - started)
         self._log(method, url, status, started)
         return self._answer(status, answer_headers, raw, problem, content_type, task_id, write)
 
