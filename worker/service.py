@@ -617,9 +617,10 @@ class Daemon:
         return False
 
     async def _maybe_wedge(self, name: str) -> None:
-        """Test-only: TASKSYNC_TEST_WEDGE=LOOP[:SECONDS] makes that loop block for ever without
-        beating, SECONDS after start-up, so tests can see the watchdog pings stop. Read only
-        here; never set it in production."""
+        """Test-only: TASKSYNC_TEST_WEDGE=LOOP[:SECONDS[:LENGTH]] makes that loop block without
+        beating, SECONDS after start-up, for ever (or LENGTH seconds, once), so tests can see
+        the watchdog pings stop (and /livez recover). Read only here; never set it in
+        production."""
         if self.wedge is None or self.wedge[0] != name:
             return
         if time.monotonic() - self._born < self.wedge[1]:
@@ -627,7 +628,11 @@ class Daemon:
         log.warning(
             "%s=%s: wedging the %s loop (test hook)", WEDGE_ENV, os.environ[WEDGE_ENV], name
         )
-        await anyio.sleep_forever()
+        length = os.environ[WEDGE_ENV].split(":")[2:3]
+        if not length:
+            await anyio.sleep_forever()
+        self.wedge = None
+        await anyio.sleep(float(length[0]))
 
 
 async def _fire(wake: Wake) -> None:
@@ -659,6 +664,6 @@ def _wedge_target() -> tuple[str, float] | None:
         return None
     name, _, after = value.partition(":")
     try:
-        return name, float(after or 0)
+        return name, float(after.partition(":")[0] or 0)
     except ValueError:
         return name, 0.0
