@@ -482,3 +482,61 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
         "tasksync_database_up",
     }
     assert names <= exported, names - exported
+
+
+# --- the recorder in-process -----------------------------------------------------------------------
+
+
+def test_recorder_counts_and_exposes_both_formats() -> None:
+    from datetime import UTC, datetime
+
+    from worker.metrics import Recorder
+    from worker.model import Event, EventKind
+    from worker.store import ClaimedTask, PollResult
+
+    recorder = Recorder()
+    for code, seconds in ((200, 0.004), (200, 0.2), (429, 0.01), ("error", 31.0)):
+        recorder.request("koodrive", code, seconds)
+    now = datetime.now(UTC)
+    task = ClaimedTask(1, "aicc", "t", None, 0, 0, now)
+    event = Event(EventKind.TRACE, "k", None, {})
+    results = [
+        PollResult(task, now, now),  # unchanged
+        PollResult(task, now, now, content_hash="h", events=[event, event]),  # changed
+        PollResult(task, now, now, error="HTTP 500"),
+        PollResult(task, now, now, error="HTTP 404", not_found=True),
+    ]
+    recorder.polls_written(results)
+    recorder.action_finished("secmaster", "comment", "unknown")
+    recorder.cycle_ended("sync", 1.5)
+    body, content_type = recorder.exposition(None)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples = parse(body.decode())
+    assert total(samples, "tasksync_upstream_requests_total", system="koodrive") == 4
+    assert total(samples, "tasksync_upstream_requests_total", code="error") == 1
+    assert total(samples, "tasksync_upstream_throttled_total", system="koodrive") == 1
+    buckets = {
+        dict(ls)["le"]: v
+        for (n, ls), v in samples.items()
+        if n == "tasksync_upstream_request_duration_seconds_bucket"
+        and dict(ls)["system"] == "koodrive"
+    }
+    assert (buckets["0.005"], buckets["0.01"], buckets["0.25"], buckets["30.0"]) == (1, 2, 3, 3)
+    assert buckets["+Inf"] == 4
+    for outcome in ("unchanged", "changed", "failed", "not_found"):
+        assert total(samples, "tasksync_polls_total", system="aicc", outcome=outcome) == 1
+    assert total(samples, "tasksync_snapshots_stored_total", system="aicc") == 1
+    assert total(samples, "tasksync_events_stored_total", system="aicc", kind="trace") == 2
+    assert total(samples, "tasksync_action_attempts_total", outcome="unknown") == 1
+    assert total(samples, "tasksync_cycle_duration_seconds_sum", kind="sync") == 1.5
+    # series that must exist before their first event (rate() and the alerts need them)
+    assert (
+        "tasksync_polls_total",
+        frozenset({("system", "secmaster"), ("outcome", "failed")}),
+    ) in samples
+    om, om_type = recorder.exposition("application/openmetrics-text; version=1.0.0")
+    assert om_type.startswith("application/openmetrics-text") and om.endswith(b"# EOF\n")
+    checked = subprocess.run(
+        [promtool(), "check", "metrics"], input=body.decode(), capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr

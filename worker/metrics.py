@@ -18,6 +18,7 @@ listener reads them at scrape time (`DatabaseView`), with a short cache.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,14 +51,6 @@ CYCLE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800
 
 class _Inc(Protocol):
     def inc(self, amount: float = 1) -> None: ...
-
-
-class _Observe(Protocol):
-    def observe(self, amount: float) -> None: ...
-
-
-class _Set(Protocol):
-    def set(self, value: float) -> None: ...
 
 
 class _PollResult(Protocol):
@@ -108,22 +101,10 @@ class Recorder:
         self.polls = pc.Counter(
             "tasksync_polls_total", "task polls by outcome", ["system", "outcome"], registry=r
         )
-        self.requests = pc.Counter(
-            "tasksync_upstream_requests_total",
-            "upstream HTTP requests sent, by status (or `error`: transport failure)",
-            ["system", "code"],
-            registry=r,
-        )
-        self.duration = pc.Histogram(
-            "tasksync_upstream_request_duration_seconds",
-            "time from sending an upstream request to its whole answer",
-            ["system"],
-            buckets=REQUEST_BUCKETS,
-            registry=r,
-        )
-        self.throttled = pc.Counter(
-            "tasksync_upstream_throttled_total", "HTTP 429 answers", ["system"], registry=r
-        )
+        # upstream requests: plain integers on the hot path, turned into metric families at
+        # scrape time (_RequestCollector)
+        self._requests: dict[str, _Requests] = {}
+        r.register(_RequestCollector(self._requests))
         self.snapshots = pc.Counter(
             "tasksync_snapshots_stored_total", "task snapshots stored", ["system"], registry=r
         )
@@ -155,7 +136,6 @@ class Recorder:
         self.database_up.set(1)
         self.view = DatabaseView()
         r.register(_ViewCollector(self))
-        self._requests: dict[str, dict[int | str, tuple[_Inc, _Observe, _Inc | None]]] = {}
         self._polls: dict[tuple[str, str], _Inc] = {}
         self._events: dict[tuple[str, str], _Inc] = {}
         self._snapshots: dict[str, _Inc] = {}
@@ -172,28 +152,24 @@ class Recorder:
         for kind in EVENT_KINDS:
             self._events[system, kind] = self.events.labels(system, kind)
         self._snapshots[system] = self.snapshots.labels(system)
-        self.throttled.labels(system)
-        self.duration.labels(system)
-        self._requests[system] = {}
+        self._requests.setdefault(system, _Requests())
 
     # -- the hot path ----------------------------------------------------------------------
 
     def request(self, system: str, code: int | str, seconds: float) -> None:
-        by_code = self._requests.get(system)
-        if by_code is None:
+        # Not prometheus-client's Counter/Histogram here: each of their updates takes a lock
+        # (about 1 µs apiece, 4 µs per request in all); the event loop is one thread, so plain
+        # integers need none (0.4 µs).
+        stats = self._requests.get(system)
+        if stats is None:
             self._bind_system(system)
-            by_code = self._requests[system]
-        bound = by_code.get(code)
-        if bound is None:
-            bound = by_code[code] = (
-                self.requests.labels(system, str(code)),
-                self.duration.labels(system),
-                self.throttled.labels(system) if code == 429 else None,
-            )
-        bound[0].inc()
-        bound[1].observe(seconds)
-        if bound[2] is not None:
-            bound[2].inc()
+            stats = self._requests[system]
+        codes = stats.codes
+        codes[code] = codes.get(code, 0) + 1
+        stats.buckets[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        stats.sum += seconds
+        if code == 429:
+            stats.throttled += 1
 
     def polls_written(self, results: Iterable[_PollResult]) -> None:
         polls: Tally[tuple[str, str]] = Tally()
@@ -245,6 +221,57 @@ class Recorder:
 
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class _Requests:
+    """One system's upstream requests: counts by status, a histogram, 429s."""
+
+    __slots__ = ("buckets", "codes", "sum", "throttled")
+
+    def __init__(self) -> None:
+        self.codes: dict[int | str, int] = {}
+        self.buckets = [0] * (len(REQUEST_BUCKETS) + 1)  # per bucket, the last one is +Inf
+        self.sum = 0.0
+        self.throttled = 0
+
+
+class _RequestCollector:
+    def __init__(self, requests: Mapping[str, _Requests]) -> None:
+        self._requests = requests
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        sent = CounterMetricFamily(
+            "tasksync_upstream_requests",
+            "upstream HTTP requests sent, by status (or `error`: transport failure)",
+            labels=["system", "code"],
+        )
+        duration = HistogramMetricFamily(
+            "tasksync_upstream_request_duration_seconds",
+            "time from sending an upstream request to its whole answer",
+            labels=["system"],
+        )
+        throttled = CounterMetricFamily(
+            "tasksync_upstream_throttled", "HTTP 429 answers", labels=["system"]
+        )
+        for system, stats in list(self._requests.items()):
+            for code, n in sorted(stats.codes.items(), key=lambda item: str(item[0])):
+                sent.add_metric([system, str(code)], n)
+            cumulative, buckets = 0, []
+            for bound, n in zip((*REQUEST_BUCKETS, float("inf")), stats.buckets, strict=True):
+                cumulative += n
+                buckets.append((_le(bound), cumulative))
+            duration.add_metric([system], buckets, sum_value=stats.sum)
+            throttled.add_metric([system], stats.throttled)
+        yield from (sent, duration, throttled)
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 class _ViewCollector:
@@ -306,7 +333,7 @@ def enable(systems: Sequence[str] = SYSTEMS) -> Recorder:
         _recorder = Recorder()
     for system in systems:
         if system not in _recorder._requests:
-            _recorder._bind_system(system)
+            _recorder._bind_system(system)  # its series exist (at 0) from the start
     return _recorder
 
 
