@@ -146,7 +146,14 @@ def test_unreachable_or_unmigrated_database(tmp_path: Path) -> None:
     assert as_json.returncode == 1
     assert json.loads(as_json.stdout)["healthy"] is False
 
-    empty = run_cli("healthcheck", env={"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path}/new.db"})
+    missing = run_cli("healthcheck", env={"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path}/no.db"})
+    assert missing.returncode == 1
+    assert missing.stdout.splitlines()[0] == (
+        f"database: no database file {tmp_path}/no.db: run `tasksync migrate`"
+    )
+    assert not (tmp_path / "no.db").exists()  # a probe creates nothing
+    (tmp_path / "empty.db").write_bytes(b"")
+    empty = run_cli("healthcheck", env={"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path}/empty.db"})
     assert empty.returncode == 1
     assert empty.stdout.splitlines()[0] == "database: not migrated: run `tasksync migrate`"
 

@@ -45,9 +45,13 @@ def _outage(exc: BaseException) -> str:
 
 async def check_database(store: StoreBase) -> Check:
     """Reachable within DATABASE_TIMEOUT and at the newest schema revision."""
+    from worker.store.engine import sqlite_path
     from worker.store.health import schema_revision
     from worker.store.migrate import HEAD_REVISION
 
+    path = sqlite_path(store.engine.url)
+    if path is not None and not path.exists():  # connecting would create an empty one
+        return Check("database", False, f"no database file {path}: run `tasksync migrate`")
     try:
         with anyio.fail_after(DATABASE_TIMEOUT):
             revision = await schema_revision(store)

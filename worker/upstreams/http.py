@@ -361,7 +361,7 @@ class HttpClient:
         if attempt is not None:
             extra = {"trace_request_ctx": attempt, "middlewares": (attempt.guard,)}
         started = time.perf_counter()
-        code: int | str = "error"  # for the metrics: a transport failure unless a status came
+        code: int | str | None = "error"  # metrics: a transport failure unless a status came
         try:
             async with session.request(
                 method,
@@ -389,11 +389,13 @@ class HttpClient:
             self._log(method, url, f"failed ({error.kind})", started)
             raise error from None
         except ValueError as exc:  # e.g. a header value with a newline: nothing was sent
+            code = None
             raise self.error(
                 ErrorKind.PERMANENT, f"request could not be built: {exc}", task_id=task_id
             ) from None
         finally:
-            observe_request(self.system, code, time.perf_counter() - started)
+            if code is not None:
+                observe_request(self.system, code, time.perf_counter() - started)
         self._log(method, url, status, started)
         return self._answer(status, answer_headers, raw, problem, content_type, task_id, write)
 
