@@ -540,3 +540,23 @@ def test_recorder_counts_and_exposes_both_formats() -> None:
         [promtool(), "check", "metrics"], input=body.decode(), capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@SQLITE_ONLY
+async def test_readyz_turns_503_while_the_daemon_drains(
+    database: Database, store: Store, tmp_path: Path
+) -> None:
+    async with Sandbox(seed=5, tasks_per_system=2, faults="slow=1.0,slow-seconds=60") as sb:
+        await track_all(store, sb)
+        env = metrics_env(database, TASKSYNC_WORKER__SHUTDOWN_TIMEOUT="4s")
+        async with daemon(tmp_path, sb, env) as proc:
+            url = await base_url(proc)
+            with anyio.fail_after(30):
+                while sb.requests.total < 3:  # the cycle is stuck in slow requests
+                    await anyio.sleep(0.1)
+            assert (await get(url + "/readyz"))[0] == 200
+            proc.signal(signal.SIGTERM)
+            body = await wait_for(url + "/readyz", 503, 3)
+            assert body.strip() == "shutdown: stopping: finishing in-flight work"
+            assert (await get(url + "/livez"))[0] == 200  # draining is not dead
+            assert await proc.wait(30) == 0, proc.output
