@@ -30,7 +30,7 @@ TIMESTAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 @pytest.fixture(autouse=True)
 def isolated_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test gets its own secrets and leaves the root logger as it found it."""
-    monkeypatch.setattr(logs, "_redactor", logs._Redactor())
+    monkeypatch.setattr(logs, "_redactor", logs.Redactor(min_length=4))
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

@@ -202,6 +202,8 @@ async def test_failures_back_off_and_recover(database: Database, store: Store) -
             # backed off: nothing is due now
             assert (await SyncCycle(store, upstreams, settings, "w1").run()).polled == 0
             sb.set_faults(None)
+        # a new process: the old one's circuit for aicc (five 500s in a row) is still open
+        async with clients(settings) as upstreams:
             stats = await SyncCycle(store, upstreams, settings, "w1").run(all_tasks=True)
             assert stats.changed == 12 and stats.failed == 1
             [gone] = await rows(store, "SELECT * FROM tasks WHERE consecutive_failures > 0")

@@ -27,7 +27,6 @@ from worker.model import State
 from worker.upstreams import build_upstreams
 from worker.upstreams.aicc import AiccClient, observe_aicc, token_lifetime
 from worker.upstreams.base import ErrorKind, UpstreamError
-from worker.upstreams.http import TokenCache
 from worker.upstreams.koodrive import KooDriveClient, observe_koodrive
 from worker.upstreams.secmaster import SecMasterClient, observe_secmaster, parse_time
 from worker.upstreams.signing import (
@@ -37,6 +36,7 @@ from worker.upstreams.signing import (
     query_pairs,
     sdk_signature,
 )
+from worker.upstreams.tokens import TokenCache
 
 AICC_SECRET = "aicc-secret-0f9e8d"
 SM_AK = "QTWAOYTTINDUT2QVKYUC"

@@ -26,9 +26,11 @@ import orjson
 import pytest
 
 from worker.config import AiccSettings, KooDriveSettings, SecMasterSettings
+from worker.redact import Redactor
 from worker.upstreams.aicc import AiccClient
 from worker.upstreams.base import ErrorKind, Upstream, UpstreamError
-from worker.upstreams.http import HttpClient, Redactor, parse_retry_after
+from worker.upstreams.envelope import parse_retry_after
+from worker.upstreams.http import HttpClient
 from worker.upstreams.koodrive import KooDriveClient
 from worker.upstreams.secmaster import SecMasterClient
 

@@ -475,6 +475,19 @@ class ActionRunner:
         """What a failed attempt (or a failed read before one) makes of the action."""
         # without an attempt row (a failed read before sending) the count is stored here
         counted = attempts if attempt_id is None else None
+        if exc.deferred:
+            # Nothing was sent (circuit open, or the gateway's window is spent): not a try of
+            # the upstream, so it uses up no attempt; come back when the system takes requests.
+            stats.retried += 1
+            delay = max(exc.retry_after or 0.0, self.settings.retry.base_delay)
+            log.info("action %s: %s; next attempt in %.1fs", action.id, exc, delay)
+            return Finish(
+                "retry",
+                "pending",
+                error=str(exc),
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+                attempts=action.attempts,
+            )
         if exc.kind in (ErrorKind.PERMANENT, ErrorKind.NOT_FOUND):
             stats.failed += 1
             log.warning("action %s failed: %s", action.id, exc)

@@ -414,7 +414,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.output import dumps
 
-    report = _store_call(args, lambda store: store.status_report())
+    async def gather(store: Store) -> dict[str, Any]:
+        return {**await store.status_report(), **await store.upstream_report()}
+
+    report = _store_call(args, gather)
     if args.json:
         print(dumps(report))
     else:
@@ -461,6 +464,7 @@ def _format_status(report: dict[str, Any]) -> str:
         ]
     else:
         out += ["Last cycles: none yet", ""]
+    out += _format_upstreams(report)
     if report["failing"]:
         rows = [
             (
@@ -479,6 +483,42 @@ def _format_status(report: dict[str, Any]) -> str:
     else:
         out += ["Failing tasks: none"]
     return "\n".join(out)
+
+
+def _format_upstreams(report: dict[str, Any]) -> list[str]:
+    from worker.output import table
+
+    out: list[str] = []
+    if report.get("upstreams"):
+        rows = [
+            (
+                system,
+                "-" if h["rate"] is None else f"{h['rate']:.1f}/s",
+                "-" if h["ceiling"] is None else f"{h['ceiling']:.1f}/s",
+                h["policy"],
+                f"{h['throttled']} of {h['requests']}",
+                h["circuit"],
+                h["updated_at"],
+            )
+            for system, h in sorted(report["upstreams"].items())
+        ]
+        headers = ("system", "rate", "ceiling", "gateway", "429s last cycle", "circuit", "as of")
+        out += ["Upstreams (rate control, newest cycle)", table(headers, rows), ""]
+    if report.get("discovery"):
+        walk_rows = [
+            (
+                system,
+                w["started_at"],
+                w["pages"],
+                w["found"],
+                w["new"],
+                "complete" if w["complete"] else f"stopped: {w['error']}",
+            )
+            for system, w in sorted(report["discovery"].items())
+        ]
+        walk_headers = ("system", "started", "pages", "found", "new", "walk")
+        out += ["Last discovery", table(walk_headers, walk_rows, width=80), ""]
+    return out
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -22,7 +21,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import TextIO
-from urllib.parse import quote
+
+from worker.redact import Redactor
 
 LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
@@ -35,7 +35,6 @@ LEVELS: Mapping[str, int] = {
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
 _CONTEXT_KEYS = ("system", "task", "action")
 _MIN_SECRET_LENGTH = 4  # shorter values would blank out ordinary words and digits
-REDACTED = "***"
 
 # An immutable default: every binding makes a new mapping, so no context ever mutates another's.
 _context: ContextVar[Mapping[str, str]] = ContextVar(
@@ -96,44 +95,13 @@ def _format_context(fields: Mapping[str, str]) -> str:
 # -- redaction -------------------------------------------------------------------------------
 
 
-class _Redactor:
-    """The registered secrets and one regular expression matching any of them.
-
-    The pattern is rebuilt on registration (rare) and swapped in one assignment, so threads that
-    log while a secret is being registered see either the old or the new pattern, never a
-    half-built one.
-    """
-
-    def __init__(self) -> None:
-        self._secrets: frozenset[str] = frozenset()
-        self._pattern: re.Pattern[str] | None = None
-
-    def register(self, value: str) -> None:
-        value = value.strip()
-        if len(value) < _MIN_SECRET_LENGTH:
-            return
-        # Also the percent-encoded form: secrets travel in query strings and form bodies.
-        forms = {value, quote(value, safe="")}
-        if forms <= self._secrets:
-            return
-        secrets = self._secrets | forms
-        # Longest first, so a secret that contains another is replaced whole.
-        alternatives = sorted(secrets, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(s) for s in alternatives))
-        self._secrets = secrets
-
-    def __call__(self, text: str) -> str:
-        pattern = self._pattern
-        return text if pattern is None else pattern.sub(REDACTED, text)
-
-
-_redactor = _Redactor()
+_redactor = Redactor(min_length=_MIN_SECRET_LENGTH)
 
 
 def register_secret(value: str | None) -> None:
     """Hide this value in every log line from now on (values under 4 characters are ignored)."""
     if value:
-        _redactor.register(value)
+        _redactor.add(value)
 
 
 def redact(text: str) -> str:

@@ -1,8 +1,13 @@
 """One poll cycle: claim due tasks in batches, fetch them concurrently, diff, store.
 
+Each system runs side by side with its own claims, queue and fetchers, so a throttled, slow or
+down system never holds back the others: a cycle takes as long as its slowest system. (The
+in-flight requests of all systems together are still bounded by `worker.concurrency`, in the
+HTTP layer, where a request waiting for its system's rate holds no slot.)
+
 Batches are claimed by keyset (id order) with a lease, so several workers on one PostgreSQL
-split the due tasks and a cycle always ends. A fixed pool of `worker.concurrency` fetchers
-pulls tasks from one queue, and the next batch is claimed while the queue still holds a batch's
+split the due tasks and a cycle always ends. Per system, a pool of `worker.concurrency`
+fetchers pulls tasks from one queue, and the next batch is claimed while the queue still holds a batch's
 worth of work: writing one batch and claiming the next (each a database round trip that waits
 behind every HTTP callback on a busy event loop) never leaves a connection slot idle. At most
 `BATCHES_IN_FLIGHT` batches are claimed and not yet written, which bounds memory.
@@ -29,12 +34,13 @@ from worker.config import Settings
 from worker.diff import diff
 from worker.metrics import observe_cycle, observe_polls
 from worker.model import Fetched, System
-from worker.store import ClaimedTask, PollResult, Store, utcnow
-from worker.upstreams.base import ErrorKind, Upstream, UpstreamError
+from worker.store import ClaimedTask, HealthRow, PollResult, Store, utcnow
+from worker.upstreams.base import ErrorKind, Health, Upstream, UpstreamError
 
 log = logging.getLogger("worker.sync")
 
-BATCHES_IN_FLIGHT = 4  # claimed and not yet written: one queued, one or two fetching, writing
+BATCHES_IN_FLIGHT = 4  # per system, claimed and not yet written: queued, fetching, writing
+THROTTLED_TRIES = 5  # a task throttled this often in one cycle counts as failed
 
 
 @dataclass
@@ -42,18 +48,34 @@ class CycleStats:
     polled: int = 0
     changed: int = 0
     failed: int = 0
+    deferred: int = 0
     run_id: int | None = None
     errors: dict[str, int] = field(default_factory=dict)
+    # (system, error class) -> (count, one example): one log line each at the end of a cycle
+    problems: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
 
     def add(self, results: Sequence[PollResult]) -> None:
-        self.polled += len(results)
         for r in results:
+            if r.deferred:
+                self.deferred += 1
+                continue
+            self.polled += 1
             if r.error is not None:
                 self.failed += 1
                 system = r.task.system
                 self.errors[system] = self.errors.get(system, 0) + 1
             elif r.changed:
                 self.changed += 1
+
+    def note(self, system: str, problem: str, error: UpstreamError) -> None:
+        count, example = self.problems.get((system, problem), (0, str(error)))
+        self.problems[(system, problem)] = (count + 1, example)
+
+    def log_summary(self) -> None:
+        """At most one WARNING per system and error class; each task's own error is on its
+        row (`last_error`) and was logged at DEBUG."""
+        for (system, problem), (count, example) in sorted(self.problems.items()):
+            log.warning("%s: %d task(s) %s; for example: %s", system, count, problem, example)
 
 
 Progress = Callable[[int], None]
@@ -65,6 +87,7 @@ class _Batch:
 
     tasks: list[ClaimedTask]
     fetched: dict[int, Fetched | UpstreamError] = field(default_factory=dict)
+    throttled: dict[int, int] = field(default_factory=dict)  # task id -> 429s this cycle
 
 
 @dataclass(eq=False)
@@ -93,6 +116,7 @@ class _Queue:
 
     items: deque[tuple[ClaimedTask, _Batch]] = field(default_factory=deque)
     done: bool = False
+    deferring: bool = False  # the system turned requests away: claim no more of its tasks
     wake: anyio.Event = field(default_factory=anyio.Event)
     hungry: anyio.Event = field(default_factory=anyio.Event)
 
@@ -126,51 +150,21 @@ class SyncCycle:
         stop: anyio.Event | None = None,
     ) -> CycleStats:
         """Poll every due task (or every tracked one) of the chosen systems once."""
-        wanted = [s for s in (systems or self.upstreams) if s in self.upstreams]
+        wanted: list[System] = [s for s in self.upstreams if not systems or s in systems]
         stats = CycleStats()
         started = time.monotonic()
         stats.run_id = await self.store.start_run(self.worker, "sync")
-        cfg = self.settings.worker
         due_before = None if all_tasks else utcnow()
-        batch_slots = anyio.Semaphore(BATCHES_IN_FLIGHT)
+        before = {s: self.upstreams[s].health() for s in wanted}
         in_flight = _Leases()
-        queue = _Queue()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._renew_leases, in_flight)
-                async with anyio.create_task_group() as work:
-                    for _ in range(cfg.concurrency):
-                        work.start_soon(
-                            self._fetcher, queue, work, batch_slots, in_flight, stats, progress
+                async with anyio.create_task_group() as side_by_side:
+                    for system in wanted:
+                        side_by_side.start_soon(
+                            self._run_system, system, due_before, in_flight, stats, progress, stop
                         )
-                    try:
-                        after = 0
-                        while wanted and not (stop and stop.is_set()):
-                            # Claim ahead: once the queue holds less than a batch, so the
-                            # fetchers never wait for the database.
-                            while len(queue.items) >= cfg.batch_size:
-                                queue.hungry = anyio.Event()
-                                await queue.hungry.wait()
-                            await batch_slots.acquire()
-                            if stop and stop.is_set():
-                                batch_slots.release()
-                                break
-                            claimed = await self.store.claim_tasks(
-                                self.worker,
-                                after_id=after,
-                                limit=cfg.batch_size,
-                                lease=cfg.lease,
-                                due_before=due_before,
-                                systems=wanted,
-                            )
-                            if not claimed:
-                                batch_slots.release()
-                                break
-                            after = claimed[-1].id
-                            in_flight.ids.update(t.id for t in claimed)
-                            queue.put(_Batch(claimed))
-                    finally:
-                        queue.close()
                 # every batch is written: stop the lease renewer
                 tg.cancel_scope.cancel()
         finally:
@@ -178,8 +172,74 @@ class SyncCycle:
                 await self.store.finish_run(
                     stats.run_id, polled=stats.polled, changed=stats.changed, failed=stats.failed
                 )
+                await self._record_health(before)
+            stats.log_summary()
             observe_cycle("sync", started)
         return stats
+
+    async def _run_system(
+        self,
+        system: System,
+        due_before: datetime | None,
+        in_flight: _Leases,
+        stats: CycleStats,
+        progress: Progress | None,
+        stop: anyio.Event | None,
+    ) -> None:
+        cfg = self.settings.worker
+        batch_slots = anyio.Semaphore(BATCHES_IN_FLIGHT)
+        queue = _Queue()
+        async with anyio.create_task_group() as work:
+            for _ in range(cfg.concurrency):
+                work.start_soon(self._fetcher, queue, work, batch_slots, in_flight, stats, progress)
+            try:
+                after = 0
+                while not (stop and stop.is_set()) and not queue.deferring:
+                    # Claim ahead: once the queue holds less than a batch, so the
+                    # fetchers never wait for the database.
+                    while len(queue.items) >= cfg.batch_size:
+                        queue.hungry = anyio.Event()
+                        await queue.hungry.wait()
+                    await batch_slots.acquire()
+                    if (stop and stop.is_set()) or queue.deferring:
+                        batch_slots.release()
+                        break
+                    claimed = await self.store.claim_tasks(
+                        self.worker,
+                        after_id=after,
+                        limit=cfg.batch_size,
+                        lease=cfg.lease,
+                        due_before=due_before,
+                        systems=[system],
+                    )
+                    if not claimed:
+                        batch_slots.release()
+                        break
+                    after = claimed[-1].id
+                    in_flight.ids.update(t.id for t in claimed)
+                    queue.put(_Batch(claimed))
+            finally:
+                queue.close()
+
+    async def _record_health(self, before: Mapping[System, Health]) -> None:
+        rows = []
+        for system, then in before.items():
+            now = self.upstreams[system].health()
+            rows.append(
+                HealthRow(
+                    system=system,
+                    requests=now.requests - then.requests,
+                    throttled=now.throttled - then.throttled,
+                    rate=now.rate,
+                    ceiling=now.ceiling,
+                    policy=now.policy,
+                    circuit=now.circuit,
+                )
+            )
+        try:
+            await self.store.record_health(self.worker, rows)
+        except Exception as exc:  # status information: never worth failing a cycle over
+            log.warning("could not record upstream health: %s", exc)
 
     async def _fetcher(
         self,
@@ -201,7 +261,18 @@ class SyncCycle:
                 continue
             task, batch = items.popleft()
             queue.hungry.set()
-            batch.fetched[task.id] = await self._fetch(task)
+            answer = await self._fetch(task)
+            if isinstance(answer, UpstreamError):
+                if answer.throttled and not answer.deferred:
+                    tries = batch.throttled[task.id] = batch.throttled.get(task.id, 0) + 1
+                    if tries < THROTTLED_TRIES:
+                        # Not a failure: the gateway paused this system; try again in this
+                        # cycle, at the pace the rate control now keeps.
+                        items.append((task, batch))
+                        continue
+                if answer.deferred:
+                    queue.deferring = True
+            batch.fetched[task.id] = answer
             if progress is not None:
                 progress(1)
             if len(batch.fetched) == len(batch.tasks):
@@ -216,7 +287,7 @@ class SyncCycle:
     ) -> None:
         try:
             await in_flight.release([t.id for t in batch.tasks])
-            results = await self._results(batch.tasks, batch.fetched)
+            results = await self._results(batch.tasks, batch.fetched, stats)
             await self.store.write_results(self.worker, results)
             stats.add(results)
             observe_polls(results)
@@ -225,6 +296,7 @@ class SyncCycle:
 
     async def _fetch(self, task: ClaimedTask) -> Fetched | UpstreamError:
         upstream = self.upstreams[task.system]  # type: ignore[index]
+        system: System = upstream.system
         try:
             return await upstream.fetch(task.task_id)
         except UpstreamError as exc:
@@ -234,12 +306,15 @@ class SyncCycle:
             return UpstreamError(
                 ErrorKind.RETRY,
                 f"internal error: {type(exc).__name__}: {exc}",
-                system=task.system,  # type: ignore[arg-type]
+                system=system,
                 task_id=task.task_id,
             )
 
     async def _results(
-        self, batch: Sequence[ClaimedTask], fetched: Mapping[int, Fetched | UpstreamError]
+        self,
+        batch: Sequence[ClaimedTask],
+        fetched: Mapping[int, Fetched | UpstreamError],
+        stats: CycleStats,
     ) -> list[PollResult]:
         now = utcnow()
         changed = [
@@ -248,7 +323,7 @@ class SyncCycle:
             if isinstance(fetched[t.id], Fetched) and fetched[t.id].content_hash != t.content_hash  # type: ignore[union-attr]
         ]
         previous = await self.store.latest_payloads(changed) if changed else {}
-        return [self._result(t, fetched[t.id], previous.get(t.id), now) for t in batch]
+        return [self._result(t, fetched[t.id], previous.get(t.id), now, stats) for t in batch]
 
     def _result(
         self,
@@ -256,15 +331,20 @@ class SyncCycle:
         answer: Fetched | UpstreamError,
         previous_payload: object,
         now: datetime,
+        stats: CycleStats,
     ) -> PollResult:
         cfg = self.settings.worker
         if isinstance(answer, UpstreamError):
+            log.debug("%s", answer)
+            if answer.deferred:
+                stats.note(task.system, "left due (nothing sent)", answer)
+                return PollResult(task, now, task.seen_next_poll_at, deferred=True)
+            stats.note(task.system, f"failed ({answer.kind})", answer)
             failures = task.consecutive_failures + 1
             if answer.kind is ErrorKind.NOT_FOUND:
                 delay = cfg.terminal_poll_interval
             else:
                 delay = poll_delay(failures, cfg.poll_interval, cfg.max_poll_backoff, self.rng)
-            log.warning("%s", answer)
             return PollResult(
                 task,
                 now,

@@ -17,9 +17,10 @@ from worker.store.engine import (
 )
 from worker.store.reports import ReportStore
 from worker.store.tasks import ClaimedTask, PollResult, TaskStore
+from worker.store.upstream import HealthRow, UpstreamStore, WalkRow
 
 
-class Store(TaskStore, ActionStore, ActionBatchStore, ReportStore):
+class Store(TaskStore, ActionStore, ActionBatchStore, ReportStore, UpstreamStore):
     """Everything the commands and loops need from the database."""
 
     @classmethod
@@ -32,9 +33,11 @@ __all__ = [
     "ClaimedTask",
     "DatabaseUrlError",
     "Finish",
+    "HealthRow",
     "PollResult",
     "SqliteWorkerLock",
     "Store",
+    "WalkRow",
     "WorkerLockError",
     "create_engine",
     "redact_url",

@@ -181,6 +181,40 @@ sync_runs = sa.Table(
     sa.Column("discovered", sa.Integer(), nullable=False, server_default="0"),
 )
 
+# What each worker's rate control and circuit breaker looked like at the end of its newest
+# cycle, per system: `status` shows it (a daemon's state lives in its memory otherwise).
+upstream_health = sa.Table(
+    "upstream_health",
+    metadata,
+    sa.Column("system", sa.String(16), primary_key=True),
+    sa.Column("worker", sa.String(255), primary_key=True),
+    _ts("updated_at", default=True, nullable=False),
+    sa.Column("requests", sa.Integer(), nullable=False, server_default="0"),  # in that cycle
+    sa.Column("throttled", sa.Integer(), nullable=False, server_default="0"),  # 429s in it
+    sa.Column("rate", sa.Float()),  # requests per second paced at; NULL: not paced
+    sa.Column("ceiling", sa.Float()),
+    sa.Column("policy", sa.String(32)),  # the gateway's stated limit, e.g. "200/1s"
+    sa.Column("circuit", sa.String(32), nullable=False, server_default="closed"),
+)
+
+# One row per system per discovery: how far its walk got and why it stopped.
+discovery_walks = sa.Table(
+    "discovery_walks",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("run_id", Id, sa.ForeignKey("sync_runs.id", ondelete="CASCADE")),
+    sa.Column("system", sa.String(16), nullable=False),
+    sa.Column("worker", sa.String(255), nullable=False),
+    _ts("started_at", default=True, nullable=False),
+    _ts("finished_at"),
+    sa.Column("pages", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("found", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("new", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("complete", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("error", sa.Text()),
+    sa.Index(None, "system", "id"),
+)
+
 # Convenience views for people querying with SQL (created by the first migration).
 VIEWS = {
     "latest_snapshots": """

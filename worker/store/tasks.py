@@ -42,10 +42,12 @@ class PollResult:
     # set when the poll failed:
     error: str | None = None
     not_found: bool = False
+    # set when nothing was sent (circuit open, rate paused): the task is only released
+    deferred: bool = False
 
     @property
     def changed(self) -> bool:
-        return self.error is None and self.content_hash is not None
+        return self.error is None and not self.deferred and self.content_hash is not None
 
 
 class TaskStore(StoreBase):
@@ -221,9 +223,12 @@ class TaskStore(StoreBase):
         # batch -- so each group is one set-based UPDATE rather than a row-by-row executemany.
         unchanged: dict[tuple[datetime, datetime, datetime], list[int]] = {}
         failed: list[dict[str, Any]] = []
+        deferred: list[int] = []
         for r in results:
             t = r.task
-            if r.error is not None:
+            if r.deferred:
+                deferred.append(t.id)
+            elif r.error is not None:
                 failed.append(
                     {
                         "b_id": t.id,
@@ -325,6 +330,12 @@ class TaskStore(StoreBase):
                     not_found=False,
                     **release,
                 )
+            )
+        if deferred:
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.id.in_(deferred), tasks.c.lease_owner == worker)
+                .values(**release)
             )
         if failed:
             await conn.execute(

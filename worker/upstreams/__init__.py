@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 def build_upstreams(settings: Settings) -> dict[System, Upstream]:
     """One client per configured system. Nothing is opened yet: sessions start at first use.
     Close every client with `await client.aclose()` when done."""
+    import asyncio
+
     from worker.upstreams.aicc import AiccClient
     from worker.upstreams.koodrive import KooDriveClient
     from worker.upstreams.secmaster import SecMasterClient
@@ -25,11 +27,18 @@ def build_upstreams(settings: Settings) -> dict[System, Upstream]:
     systems = settings.systems
     # Each system can use every slot of the global concurrency, never more.
     limit = settings.worker.concurrency
+    # ...and all of them together `concurrency` requests in flight: a request waiting for its
+    # system's rate or circuit holds no slot, so a throttled system never starves the others.
+    shared = asyncio.Semaphore(limit)
     clients: dict[System, Upstream] = {}
     if systems.aicc is not None:
-        clients["aicc"] = AiccClient(systems.aicc, connector_limit=limit)
+        clients["aicc"] = AiccClient(systems.aicc, connector_limit=limit, in_flight=shared)
     if systems.secmaster is not None:
-        clients["secmaster"] = SecMasterClient(systems.secmaster, connector_limit=limit)
+        clients["secmaster"] = SecMasterClient(
+            systems.secmaster, connector_limit=limit, in_flight=shared
+        )
     if systems.koodrive is not None:
-        clients["koodrive"] = KooDriveClient(systems.koodrive, connector_limit=limit)
+        clients["koodrive"] = KooDriveClient(
+            systems.koodrive, connector_limit=limit, in_flight=shared
+        )
     return clients

@@ -8,6 +8,7 @@ token/auth/expired, triggers one shared token renewal and one retry.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import quote, urlencode
@@ -17,19 +18,12 @@ import orjson
 from worker.config import AiccSettings
 from worker.hashing import content_hash
 from worker.model import JSON, Fetched, Observation, State, System, TraceEntry
-from worker.upstreams.base import ErrorKind, UpstreamError
-from worker.upstreams.http import (
-    DEFAULT_CONNECTOR_LIMIT,
-    Answer,
-    HttpClient,
-    Redactor,
-    TokenCache,
-    as_text,
-    code_and_message,
-    one_line,
-    reword,
-    type_name,
-)
+from worker.redact import Redactor
+from worker.text import one_line
+from worker.upstreams.base import ErrorKind, Health, UpstreamError, reword
+from worker.upstreams.envelope import as_text, code_and_message, type_name
+from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
+from worker.upstreams.tokens import Token, TokenCache
 
 TOKEN_PATH = "/baas/auth/v1.0/oauth2/token"  # noqa: S105 (a path, not a password)
 TASK_PATH = "/service/AICC__Case/1.0.0/openapi/task"
@@ -81,7 +75,11 @@ class AiccClient:
     system: System = "aicc"
 
     def __init__(
-        self, settings: AiccSettings, *, connector_limit: int = DEFAULT_CONNECTOR_LIMIT
+        self,
+        settings: AiccSettings,
+        *,
+        connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
+        in_flight: asyncio.Semaphore | None = None,
     ) -> None:
         self._settings = settings
         self._http = HttpClient(
@@ -93,14 +91,18 @@ class AiccClient:
             ca_file=settings.ca_file,
             redactor=Redactor([settings.client_secret]),
             connector_limit=connector_limit,
+            in_flight=in_flight,
         )
-        self._tokens = TokenCache(self._issue_token)
+        self._auth = _TokenAuth(TokenCache(self._issue_token))
 
     def observe(self, payload: Mapping[str, JSON]) -> Observation:
         return observe_aicc(payload)
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def health(self) -> Health:
+        return self._http.health()
 
     # -- the three operations --------------------------------------------------------------------
 
@@ -224,22 +226,15 @@ class AiccClient:
         write: bool,
         payload: JSON = None,
     ) -> dict[str, JSON]:
-        body = None if payload is None else orjson.dumps(payload)
-        url = self._http.url(path)
-        token = await self._tokens.get(task_id)
-        for last in (False, True):
-            headers = {"access-token": token.value, "Content-Type": "application/json"}
-            answer = await self._http.send(
-                method, url, task_id=task_id, write=write, headers=headers, body=body
-            )
-            try:
-                return self._envelope(answer, task_id=task_id, write=write)
-            except UpstreamError as exc:
-                # A refused credential means nothing was applied: safe to retry even a write.
-                if exc.kind is not ErrorKind.AUTH or last:
-                    raise
-            token = await self._tokens.renew(token, task_id)
-        raise AssertionError("unreachable")
+        return await self._http.exchange(
+            method,
+            self._http.url(path),
+            task_id=task_id,
+            write=write,
+            auth=self._auth,
+            read=lambda answer: self._envelope(answer, task_id=task_id, write=write),
+            body=None if payload is None else orjson.dumps(payload),
+        )
 
     def _envelope(self, answer: Answer, *, task_id: str | None, write: bool) -> dict[str, JSON]:
         data = answer.data
@@ -318,6 +313,25 @@ class AiccClient:
             )
         self._http.redact.add(token)
         return token, token_lifetime(data.get("expires_in"))
+
+
+class _TokenAuth:
+    """AICC's `access-token` header from the OAuth2 token cache; a refusal renews it once."""
+
+    def __init__(self, tokens: TokenCache) -> None:
+        self._tokens = tokens
+
+    async def credential(self, task_id: str | None) -> object:
+        return await self._tokens.get(task_id)
+
+    def headers(self, credential: object, method: str, url: str, body: bytes) -> dict[str, str]:
+        assert isinstance(credential, Token)
+        return {"access-token": credential.value, "Content-Type": "application/json"}
+
+    async def renew(self, credential: object, error: UpstreamError, task_id: str | None) -> object:
+        if error.kind is not ErrorKind.AUTH or not isinstance(credential, Token):
+            raise error
+        return await self._tokens.renew(credential, task_id)
 
 
 def _ids(items: list[JSON]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from worker.model import JSON, Fetched, Observation, System
@@ -25,6 +26,10 @@ class UpstreamError(Exception):
     """A classified failure. `str()` is one line naming the system, the task and the cause,
     with every secret redacted; it is what ends up in `last_error`."""
 
+    @property
+    def throttled(self) -> bool:
+        return self.http_status == 429
+
     def __init__(
         self,
         kind: ErrorKind,
@@ -35,6 +40,7 @@ class UpstreamError(Exception):
         http_status: int | None = None,
         retry_after: float | None = None,
         code: str | None = None,
+        deferred: bool = False,
     ) -> None:
         self.kind = kind
         self.system = system
@@ -42,9 +48,47 @@ class UpstreamError(Exception):
         self.http_status = http_status
         self.retry_after = retry_after
         self.code = code
+        # Nothing was sent: the system's circuit is open or its rate pushes the request past
+        # any reasonable wait. A poll leaves the task due; an action is retried after
+        # `retry_after` without counting as a failed try of the upstream.
+        self.deferred = deferred
         self.detail = message
         where = f"{system} task {task_id}" if task_id else system
         super().__init__(f"{where}: {message}")
+
+
+def reword(
+    error: UpstreamError,
+    *,
+    task_id: str | None,
+    prefix: str = "",
+    kind: ErrorKind | None = None,
+) -> UpstreamError:
+    """The same failure for another task, with context (e.g. "task list at 200: ") prefixed,
+    or reclassified (`kind`). The detail was redacted when first built."""
+    return UpstreamError(
+        kind or error.kind,
+        prefix + error.detail,
+        system=error.system,
+        task_id=task_id,
+        http_status=error.http_status,
+        retry_after=error.retry_after,
+        code=error.code,
+        deferred=error.deferred,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A client's view of its system: request and 429 counters since it was built, the pace
+    its rate control keeps (None: not paced) and the state of its circuit breaker."""
+
+    requests: int
+    throttled: int
+    rate: float | None
+    ceiling: float | None
+    policy: str | None
+    circuit: str
 
 
 class Upstream(Protocol):
@@ -70,6 +114,10 @@ class Upstream(Protocol):
 
     def observe(self, payload: Mapping[str, JSON]) -> Observation:
         """Pure: read status, state, title and history items out of a stored payload."""
+        ...
+
+    def health(self) -> Health:
+        """Rate control and circuit state, for `status` and the logs."""
         ...
 
     async def aclose(self) -> None: ...

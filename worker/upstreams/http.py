@@ -1,5 +1,6 @@
-"""Shared HTTP machinery of the upstream clients: sessions, limits, body cap, classification,
-redaction and a shared token cache.
+"""The one HTTP path of the three upstream clients: admission (rate control and circuit breaker,
+in gate.py), sessions, body cap, classification, and the send / refresh-once-on-auth / resend
+flow (`HttpClient.exchange`) that every call goes through.
 
 Failure classes (`ErrorKind`), decided here once for all three systems:
 
@@ -13,6 +14,7 @@ Failure classes (`ErrorKind`), decided here once for all three systems:
 | HTTP 401/403 (after the client's one refresh, if any)  | AUTH          | AUTH          |
 | HTTP 404                                               | NOT_FOUND     | NOT_FOUND     |
 | HTTP 408, 429, 502, 503, 504 (Retry-After honoured)    | RETRY         | RETRY         |
+| circuit open, or the rate allows no slot within 65 s   | RETRY (3)     | RETRY (3)     |
 | HTTP 500 and other 5xx                                 | RETRY         | UNKNOWN       |
 | other HTTP 4xx, business error codes                   | PERMANENT     | PERMANENT     |
 
@@ -20,6 +22,7 @@ Failure classes (`ErrorKind`), decided here once for all three systems:
 (1) Nothing was sent: "sent" is tracked per request with aiohttp's on_request_headers_sent.
 (2) A read changed nothing, and the poller already backs off a failing task; an operator who
 sees the message can raise `max_body_bytes`. Failing it PERMANENT would buy nothing.
+(3) `deferred`: nothing was sent. A poll leaves its task due; an action waits `retry_after`.
 
 Writes go through their own session with `force_close=True` *and* a per-request middleware that
 refuses a second send. Both are needed: aiohttp 3.14 re-sends PUT/DELETE by itself after
@@ -34,145 +37,50 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
-from typing import Any
-from urllib.parse import quote, quote_plus
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
+import anyio
 import orjson
-from aiolimiter import AsyncLimiter
-from pydantic import SecretStr
 from yarl import URL
 
 from worker.metrics import observe_request
 from worker.model import JSON, System
-from worker.upstreams.base import ErrorKind, UpstreamError
+from worker.redact import Redactor
+from worker.text import one_line
+from worker.upstreams.base import ErrorKind, Health, UpstreamError
+from worker.upstreams.envelope import auth_like, gateway_fields, parse_retry_after
+from worker.upstreams.gate import CircuitBreaker, CircuitOpen, RateControl, parse_policy
 from worker.upstreams.signing import encode_query
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_CONNECTOR_LIMIT = 64  # per system and session; worker.concurrency bounds it in practice
 MAX_DETAIL = 300  # characters of an upstream message kept in an error
 
 
-# -- redaction ------------------------------------------------------------------------------------
 
 
-def secret_value(secret: SecretStr | str | None) -> str | None:
-    if secret is None:
-        return None
-    return secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+class Auth(Protocol):
+    """How one system authenticates a request: the credential for it, the headers that carry
+    it, and what to do when the upstream refuses it (renew once, or give up by raising)."""
 
+    async def credential(self, task_id: str | None) -> object: ...
 
-class Redactor:
-    """Replaces every known secret (and its URL- and JSON-escaped forms) with `***`.
+    def headers(self, credential: object, method: str, url: str, body: bytes) -> dict[str, str]:
+        """Headers for one attempt (a signature is computed per attempt: it carries the time)."""
+        ...
 
-    Configured secrets are added at construction, live tokens as they are issued. Used on every
-    error message and log line, never on the hot path of a successful request.
-    """
-
-    MASK = "***"
-
-    def __init__(self, secrets: Iterable[SecretStr | str | None] = ()) -> None:
-        self._needles: list[str] = []
-        for secret in secrets:
-            self.add(secret)
-
-    def add(self, secret: SecretStr | str | None) -> None:
-        value = secret_value(secret)
-        if not value:
-            return
-        escaped = orjson.dumps(value).decode()[1:-1]
-        forms = {value, quote(value, safe=""), quote_plus(value), escaped}
-        self._needles = sorted(set(self._needles) | forms, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for needle in self._needles:
-            if needle in text:
-                text = text.replace(needle, self.MASK)
-        return text
-
-
-# -- small helpers for envelopes -----------------------------------------------------------------
-
-
-def one_line(text: object, limit: int = MAX_DETAIL) -> str:
-    """Upstream text squeezed into one bounded line for an error message."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-_AUTH_WORDS = re.compile(r"token|auth|expired", re.IGNORECASE)
-
-
-def code_and_message(code: str | None, message: object) -> str:
-    """`CODE: message`, `CODE` or `message`, for an error detail."""
-    text = one_line(message) if message else ""
-    if code and text:
-        return f"{code}: {text}"
-    return code or text
-
-
-def auth_like(*texts: object) -> bool:
-    """Does an error code or message talk about credentials (token, auth*, expired)?"""
-    return any(isinstance(t, str) and _AUTH_WORDS.search(t) for t in texts)
-
-
-def as_text(value: object) -> str | None:
-    """A scalar upstream value as text (KooDrive's status 2 -> "2"); None for anything else."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP-date. None when unusable."""
-    if not value:
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            moment = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        seconds = (moment - (now or datetime.now(UTC))).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-# -- the answer and the client -------------------------------------------------------------------
+    async def renew(self, credential: object, error: UpstreamError, task_id: str | None) -> object:
+        """A fresh credential to send again with, or raise `error` when renewing cannot help."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,13 +159,17 @@ class HttpClient:
         ca_file: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
+        in_flight: asyncio.Semaphore | None = None,
     ) -> None:
         self.system: System = system
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.max_body_bytes = max_body_bytes
         self.redact = redactor
-        self._rate_limit = rate_limit
+        self.rate = RateControl(rate_limit)
+        self.breaker = CircuitBreaker(system)
+        # Shared by every system's client: worker.concurrency requests in flight in all.
+        self._in_flight = in_flight
         self._ca_file = ca_file
         self._client_timeout = aiohttp.ClientTimeout(
             total=timeout, connect=min(connect_timeout, timeout)
@@ -265,7 +177,17 @@ class HttpClient:
         self._connector_limit = connector_limit
         self._reads: aiohttp.ClientSession | None = None
         self._writes: aiohttp.ClientSession | None = None
-        self._limiter: AsyncLimiter | None = None
+
+    def health(self) -> Health:
+        state = self.rate.state()
+        return Health(
+            requests=self.rate.requests,
+            throttled=self.rate.throttled,
+            rate=state.rate,
+            ceiling=state.ceiling,
+            policy=state.policy,
+            circuit=self.breaker.describe(),
+        )
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -282,6 +204,7 @@ class HttpClient:
         http_status: int | None = None,
         retry_after: float | None = None,
         code: str | None = None,
+        deferred: bool = False,
     ) -> UpstreamError:
         """The one place errors are built: the message is redacted and kept to one line."""
         return UpstreamError(
@@ -292,6 +215,7 @@ class HttpClient:
             http_status=http_status,
             retry_after=retry_after,
             code=None if code is None else self.redact(code),
+            deferred=deferred,
         )
 
     def auth_like(self, *texts: object) -> bool:
@@ -325,17 +249,57 @@ class HttpClient:
             kind = ErrorKind.PERMANENT
         else:  # 500, other 5xx, and anything unexpected
             kind = ErrorKind.UNKNOWN if write else ErrorKind.RETRY
+        if not detail:
+            gateway_code, gateway_message = gateway_fields(answer.data)
+            detail = " ".join(t for t in (gateway_code and f"{gateway_code}:", gateway_message) if t)
         text = detail or f"({answer.described})"
         return self.error(
             kind,
             f"HTTP {status} {text}",
             task_id=task_id,
             http_status=status,
-            retry_after=parse_retry_after(answer.headers.get("Retry-After")),
+            retry_after=self._retry_after(answer),
             code=code,
         )
 
+    def _retry_after(self, answer: Answer) -> float | None:
+        """Retry-After when sent; after a 429 at least until the system's pause ends, so a
+        throttled write is retried at the pace the rate control keeps."""
+        header = parse_retry_after(answer.headers.get("Retry-After"))
+        if answer.status != 429:
+            return header
+        return max(header or 0.0, self.rate.state().paused_for) or None
+
     # -- sending ---------------------------------------------------------------------------------
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        task_id: str | None,
+        write: bool,
+        auth: Auth,
+        read: Callable[[Answer], T],
+        body: bytes | None = None,
+    ) -> T:
+        """Send with `auth`'s credential and read the answer with `read` (the system's envelope
+        check). When the credential is refused, `auth` may renew it once and the request goes
+        again; that is safe for a write too, since a refused credential applied nothing."""
+        credential = await auth.credential(task_id)
+        renewed = False
+        while True:
+            headers = auth.headers(credential, method, url, body or b"")
+            answer = await self.send(
+                method, url, task_id=task_id, write=write, headers=headers, body=body
+            )
+            try:
+                return read(answer)
+            except UpstreamError as exc:
+                if renewed:
+                    raise
+                credential = await auth.renew(credential, exc, task_id)
+                renewed = True
 
     async def send(
         self,
@@ -347,15 +311,68 @@ class HttpClient:
         headers: Mapping[str, str],
         body: bytes | None = None,
     ) -> Answer:
-        """Send one request (a write at most once) and read its answer.
+        """Send one request (a write at most once) once the system's rate and circuit allow,
+        and read its answer.
 
-        Raises UpstreamError for transport failures, redirects, and a 2xx answer whose body is
-        unreadable or not JSON. Any other non-2xx answer is returned for the caller to classify
-        with its envelope (see `status_error`).
+        Raises UpstreamError for transport failures, redirects, a 2xx answer whose body is
+        unreadable or not JSON, and (deferred) when the request cannot go out soon. Any other
+        non-2xx answer is returned for the caller to classify with its envelope (see
+        `status_error`); a 429 also slows this system down.
         """
+        wait = self.rate.reserve()
+        if wait is None:
+            state = self.rate.state()
+            raise self.error(
+                ErrorKind.RETRY,
+                f"throttled by the gateway (policy {state.policy or 'unknown'}): "
+                f"no request before {state.paused_for:.0f}s",
+                task_id=task_id,
+                retry_after=state.paused_for,
+                deferred=True,
+            )
+        if wait:
+            await anyio.sleep(wait)
+        try:
+            probe = await self.breaker.admit()
+        except CircuitOpen as exc:
+            raise self.error(
+                ErrorKind.RETRY, exc.reason, task_id=task_id, retry_after=exc.retry_in, deferred=True
+            ) from None
+        try:
+            if self._in_flight is None:
+                answer = await self._send_once(method, url, task_id, write, headers, body)
+            else:
+                async with self._in_flight:
+                    answer = await self._send_once(method, url, task_id, write, headers, body)
+        except UpstreamError as exc:
+            outage = exc.http_status is None and exc.kind in (ErrorKind.RETRY, ErrorKind.UNKNOWN)
+            self.breaker.record(up=not outage, probe=probe, failure=exc.detail)
+            raise
+        except BaseException:
+            self.breaker.cancelled(probe=probe)
+            raise
+        status = answer.status
+        if status == 429:
+            _, message = gateway_fields(answer.data)
+            self.rate.throttled_by(
+                parse_policy(message), parse_retry_after(answer.headers.get("Retry-After"))
+            )
+            self.breaker.record(up=True, probe=probe)
+        else:
+            self.rate.accepted()
+            self.breaker.record(up=status < 500, probe=probe, failure=f"HTTP {status}")
+        return answer
+
+    async def _send_once(
+        self,
+        method: str,
+        url: str,
+        task_id: str | None,
+        write: bool,
+        headers: Mapping[str, str],
+        body: bytes | None,
+    ) -> Answer:
         session = self._session(write)
-        if self._rate_limit is not None:
-            await self._get_limiter().acquire()
         attempt = _WriteAttempt() if write else None
         extra: dict[str, Any] = {}
         if attempt is not None:
@@ -541,124 +558,11 @@ class HttpClient:
             headers={"Accept": "application/json"},
         )
 
-    def _get_limiter(self) -> AsyncLimiter:
-        if self._limiter is None:
-            rate = self._rate_limit or 1.0
-            # aiolimiter's bucket holds max_rate tokens: below 1 req/s, stretch the period instead.
-            self._limiter = AsyncLimiter(rate, 1.0) if rate >= 1 else AsyncLimiter(1, 1.0 / rate)
-        return self._limiter
-
     async def aclose(self) -> None:
         sessions = [s for s in (self._reads, self._writes) if s is not None]
         self._reads = self._writes = None
         for session in sessions:
             await session.close()
-
-
-# -- tokens ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    value: str
-    refresh_at: float  # monotonic: renew proactively from here on
-    expires_at: float  # monotonic: the issuer's own expiry
-    generation: int
-
-
-Issuer = Callable[[str | None], Awaitable[tuple[str, float]]]
-"""Fetch a new token for (the task that needs it): returns (token, lifetime in seconds)."""
-
-
-class TokenCache:
-    """One cached credential per client, renewed at `refresh_fraction` of its lifetime.
-
-    Concurrent callers share one renewal: they wait on the lock and, when they get it, see that
-    the attempt counter moved and take its result (the new token, or the same failure) instead
-    of issuing another token request.
-    """
-
-    def __init__(
-        self,
-        issue: Issuer,
-        *,
-        refresh_fraction: float = 0.8,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._issue = issue
-        self._fraction = refresh_fraction
-        self._clock = clock
-        self._lock = asyncio.Lock()
-        self._token: Token | None = None
-        self._attempts = 0
-        self._failure: UpstreamError | None = None
-
-    async def get(self, task_id: str | None) -> Token:
-        token = self._token
-        if token is not None and self._clock() < token.refresh_at:
-            return token
-        return await self._renew(task_id, stale=token, forced=False)
-
-    async def renew(self, stale: Token, task_id: str | None) -> Token:
-        """After the upstream refused `stale`: a new token (shared with concurrent callers)."""
-        return await self._renew(task_id, stale=stale, forced=True)
-
-    async def _renew(self, task_id: str | None, *, stale: Token | None, forced: bool) -> Token:
-        seen = self._attempts
-        async with self._lock:
-            current = self._token
-            if self._attempts != seen:  # someone renewed while this caller waited
-                if current is not None and current is not stale:
-                    return current
-                if self._failure is not None:
-                    raise _for_task(self._failure, task_id)
-            if current is not None and current is not stale:
-                return current
-            if not forced and current is not None and self._clock() < current.refresh_at:
-                return current
-            try:
-                value, lifetime = await self._issue(task_id)
-            except UpstreamError as exc:
-                # Counted when the attempt ends, so callers that queued behind it see it.
-                self._attempts += 1
-                self._failure = exc
-                if not forced and current is not None and self._clock() < current.expires_at:
-                    # A proactive renewal failed but the old token still lives: keep using it.
-                    log.warning("token renewal failed, old token still valid: %s", exc)
-                    return current
-                self._token = None
-                raise
-            self._attempts += 1
-            now = self._clock()
-            self._failure = None
-            self._token = Token(
-                value, now + self._fraction * lifetime, now + lifetime, self._attempts
-            )
-            return self._token
-
-
-def _for_task(error: UpstreamError, task_id: str | None) -> UpstreamError:
-    return reword(error, task_id=task_id)
-
-
-def reword(
-    error: UpstreamError,
-    *,
-    task_id: str | None,
-    prefix: str = "",
-    kind: ErrorKind | None = None,
-) -> UpstreamError:
-    """The same failure for another task, with context (e.g. "task list at 200: ") prefixed,
-    or reclassified (`kind`). The detail was redacted when first built."""
-    return UpstreamError(
-        kind or error.kind,
-        prefix + error.detail,
-        system=error.system,
-        task_id=task_id,
-        http_status=error.http_status,
-        retry_after=error.retry_after,
-        code=error.code,
-    )
 
 
 def _holds_nul(value: object) -> bool:

@@ -11,6 +11,7 @@ and after a refusal it is re-read once from `$CREDENTIALS_DIRECTORY/koodrive_tok
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -19,18 +20,11 @@ from urllib.parse import quote
 from worker.config import KooDriveSettings
 from worker.hashing import content_hash
 from worker.model import JSON, Fetched, Observation, State, System
-from worker.upstreams.base import ErrorKind, UpstreamError
-from worker.upstreams.http import (
-    DEFAULT_CONNECTOR_LIMIT,
-    Answer,
-    HttpClient,
-    Redactor,
-    as_text,
-    code_and_message,
-    one_line,
-    reword,
-    type_name,
-)
+from worker.redact import Redactor
+from worker.text import one_line
+from worker.upstreams.base import ErrorKind, Health, UpstreamError, reword
+from worker.upstreams.envelope import as_text, code_and_message, type_name
+from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
 from worker.upstreams.signing import sign_app
 
 TASK_PATH = "/koodrive/ose/v1/task"
@@ -69,6 +63,7 @@ class KooDriveClient:
         *,
         connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
         token_file: Path | None = None,
+        in_flight: asyncio.Semaphore | None = None,
     ) -> None:
         self._settings = settings
         self._http = HttpClient(
@@ -80,6 +75,7 @@ class KooDriveClient:
             ca_file=settings.ca_file,
             redactor=Redactor([settings.token, settings.app_secret]),
             connector_limit=connector_limit,
+            in_flight=in_flight,
         )
         self._token = None if settings.token is None else settings.token.get_secret_value()
         self._token_file = token_file if token_file is not None else default_token_file()
@@ -90,18 +86,18 @@ class KooDriveClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def health(self) -> Health:
+        return self._http.health()
+
     async def fetch(self, task_id: str) -> Fetched:
-        url = self._http.url(f"{TASK_PATH}/{quote(task_id, safe='')}")
-        for last in (False, True):
-            answer = await self._http.send(
-                "GET", url, task_id=task_id, write=False, headers=self._headers(url)
-            )
-            try:
-                data = self._envelope(answer, task_id)
-                break
-            except UpstreamError as exc:
-                if exc.kind is not ErrorKind.AUTH or last or not self._reload_token():
-                    raise
+        data = await self._http.exchange(
+            "GET",
+            self._http.url(f"{TASK_PATH}/{quote(task_id, safe='')}"),
+            task_id=task_id,
+            write=False,
+            auth=self,
+            read=lambda answer: self._envelope(answer, task_id),
+        )
         for name, expected in (("status", (int, str)), ("taskName", (str,))):
             value = data.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
@@ -124,16 +120,19 @@ class KooDriveClient:
         for task_id in nothing:
             yield task_id
 
-    # -- plumbing --------------------------------------------------------------------------------
+    # -- authentication (the Auth flow of HttpClient.exchange) ----------------------------------
 
-    def _headers(self, url: str) -> dict[str, str]:
+    async def credential(self, task_id: str | None) -> object:
+        return None  # the bearer token lives on the client: it is re-read from its file
+
+    def headers(self, credential: object, method: str, url: str, body: bytes) -> dict[str, str]:
         if self._token is not None:
             return {"Authorization": f"Bearer {self._token}"}
         settings = self._settings
         assert settings.app_id and settings.app_secret and settings.user_id  # config: app mode
         # X-Date is now truncated to the second, so it is never in the future (upstream.md).
         return sign_app(
-            "GET",
+            method,
             url,
             {},
             b"",
@@ -141,6 +140,11 @@ class KooDriveClient:
             settings.app_secret.get_secret_value(),
             settings.user_id,
         )
+
+    async def renew(self, credential: object, error: UpstreamError, task_id: str | None) -> object:
+        if error.kind is not ErrorKind.AUTH or not self._reload_token():
+            raise error
+        return None
 
     def _reload_token(self) -> bool:
         """Re-read the bearer token from the credential file; True when it changed."""

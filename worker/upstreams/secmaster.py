@@ -11,6 +11,7 @@ wrong type, not success). The SDK models every envelope field as optional, so an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -23,21 +24,13 @@ import orjson
 from worker.config import SecMasterSettings
 from worker.hashing import content_hash
 from worker.model import JSON, Comment, Fetched, Observation, State, System
-from worker.upstreams.base import ErrorKind, UpstreamError
-from worker.upstreams.http import (
-    DEFAULT_CONNECTOR_LIMIT,
-    Answer,
-    HttpClient,
-    Redactor,
-    Token,
-    TokenCache,
-    as_text,
-    code_and_message,
-    one_line,
-    reword,
-    type_name,
-)
+from worker.redact import Redactor
+from worker.text import one_line
+from worker.upstreams.base import ErrorKind, Health, UpstreamError, reword
+from worker.upstreams.envelope import as_text, code_and_message, type_name
+from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
 from worker.upstreams.signing import sign_sdk
+from worker.upstreams.tokens import Token, TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +137,11 @@ class SecMasterClient:
     system: System = "secmaster"
 
     def __init__(
-        self, settings: SecMasterSettings, *, connector_limit: int = DEFAULT_CONNECTOR_LIMIT
+        self,
+        settings: SecMasterSettings,
+        *,
+        connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
+        in_flight: asyncio.Semaphore | None = None,
     ) -> None:
         self._settings = settings
         self._mode: Literal["aksk", "iam", "token"] = settings.auth_mode
@@ -157,6 +154,7 @@ class SecMasterClient:
             ca_file=settings.ca_file,
             redactor=Redactor([settings.ak, settings.sk, settings.password, settings.token]),
             connector_limit=connector_limit,
+            in_flight=in_flight,
         )
         self._tokens = TokenCache(self._issue_iam_token) if self._mode == "iam" else None
         project = quote(settings.project_id, safe="")
@@ -168,6 +166,9 @@ class SecMasterClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def health(self) -> Health:
+        return self._http.health()
 
     # -- the three operations --------------------------------------------------------------------
 
@@ -301,28 +302,32 @@ class SecMasterClient:
         query: list[tuple[str, str]] | None = None,
         payload: JSON = None,
     ) -> dict[str, JSON]:
-        body = b"" if payload is None else orjson.dumps(payload)
-        url = self._http.url(path, query or ())
-        token = await self._tokens.get(task_id) if self._tokens is not None else None
-        for last in (False, True):
-            answer = await self._http.send(
-                method,
-                url,
-                task_id=task_id,
-                write=write,
-                headers=self._headers(method, url, body, token),
-                body=body or None,
-            )
-            try:
-                return self._envelope(answer, task_id=task_id, write=write)
-            except UpstreamError as exc:
-                # Only an IAM token is worth renewing, and only on 401 (403 refuses the user's
-                # permissions, which a new token for the same user does not change). A refused
-                # AK/SK signature is final at once: five failures in a row lock the AK/SK.
-                if exc.http_status != 401 or self._tokens is None or token is None or last:
-                    raise
-            token = await self._tokens.renew(token, task_id)
-        raise AssertionError("unreachable")
+        return await self._http.exchange(
+            method,
+            self._http.url(path, query or ()),
+            task_id=task_id,
+            write=write,
+            auth=self,
+            read=lambda answer: self._envelope(answer, task_id=task_id, write=write),
+            body=None if payload is None else orjson.dumps(payload),
+        )
+
+    # -- authentication (the Auth flow of HttpClient.exchange) ----------------------------------
+
+    async def credential(self, task_id: str | None) -> object:
+        return await self._tokens.get(task_id) if self._tokens is not None else None
+
+    def headers(self, credential: object, method: str, url: str, body: bytes) -> dict[str, str]:
+        token = credential if isinstance(credential, Token) else None
+        return self._headers(method, url, body, token)
+
+    async def renew(self, credential: object, error: UpstreamError, task_id: str | None) -> object:
+        # Only an IAM token is worth renewing, and only on 401 (403 refuses the user's
+        # permissions, which a new token for the same user does not change). A refused AK/SK
+        # signature is final at once: five failures in a row lock the AK/SK.
+        if error.http_status != 401 or self._tokens is None or not isinstance(credential, Token):
+            raise error
+        return await self._tokens.renew(credential, task_id)
 
     def _envelope(self, answer: Answer, *, task_id: str | None, write: bool) -> dict[str, JSON]:
         data = answer.data

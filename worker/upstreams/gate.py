@@ -1,0 +1,342 @@
+"""Admission in front of every request to one system: the gateway's rate, and the system's health.
+
+Huawei's API gateway throttles per API and credential over fixed windows and says so in the
+429 body (`limit:200,time:1 second`; docs/upstream.md). `RateControl` is an AIMD controller
+that uses that message when it is there:
+
+- Until a system throttles, nothing is paced: `reserve()` returns 0 without a clock read.
+- The first 429 pauses the system until the window has surely rolled over (the window was used
+  up: a request sent earlier would be refused too) and sets the pace to what this process got
+  through in the last window, capped by 95 % of the stated limit. Several workers that share one
+  credential each got their share of the window, so they start near a fair split instead of
+  each claiming the whole limit.
+- A later 429 pauses again and cuts the pace by 30 %, at most once per window (the answers to
+  requests already in flight say the same thing again). Each second without one adds 2 % of the
+  ceiling back. Two workers on one limit converge like two TCP flows on one link.
+- Windows longer than `PACED_WINDOW` (`time:5 minute`, `time:1 day`) are not paced: a budget of
+  95 % of the limit is spent as it comes, then the system pauses for a whole window, so each of
+  the gateway's windows holds requests from one budget only, whatever its alignment.
+- A configured `rate_limit` is a hard ceiling from the first request: requests are spaced
+  1/rate apart, so no window of any length sees a burst.
+
+Pacing is by reservation (each caller takes the next free slot), so a woken crowd of fetchers
+is spread over time rather than released at once. This is hand-written because aiolimiter's
+leaky bucket starts full (a burst of `rate` requests at once, which the gateway refuses) and
+cannot change its rate while callers wait.
+
+`CircuitBreaker` stops hammering a system that does not answer: five consecutive outage-class
+failures (no connection, timeouts, 5xx) open it for a capped exponential cool-down; then one
+probe decides. It also starts half-open, so a system that is down from the start costs five
+requests, not one per fetcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 0.95  # of a stated limit: clocks and the gateway's window edges are not ours
+DECREASE = 0.7  # multiplicative cut on a 429
+INCREASE = 0.02  # of the ceiling, added back per second without a 429
+PACED_WINDOW = 10.0  # seconds: windows up to this are paced, longer ones spent as a budget
+MAX_WAIT = 65.0  # a caller waits this long for its slot (a minute window); longer: deferred
+MEASURE = 1.0  # seconds of accepted answers remembered for the first cut
+
+_POLICY = re.compile(
+    r"limit\s*:\s*(\d+)\s*,\s*time\s*:\s*(\d+)\s*(second|minute|hour|day)s?", re.IGNORECASE
+)
+_UNIT = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A gateway throttling policy as its 429 states it: `limit` requests per `window` s."""
+
+    limit: int
+    window: float
+
+    @property
+    def per_second(self) -> float:
+        return self.limit / self.window
+
+
+def parse_policy(message: object) -> Policy | None:
+    """`...over ratelimit,limit:200,time:1 second` -> Policy(200, 1.0); None when absent."""
+    if not isinstance(message, str):
+        return None
+    match = _POLICY.search(message)
+    if match is None:
+        return None
+    limit, count, unit = int(match[1]), int(match[2]), match[3].lower()
+    if limit < 1 or count < 1:
+        return None
+    return Policy(limit, count * _UNIT[unit])
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """What `status` shows of one system's rate control."""
+
+    rate: float | None  # requests per second paced at; None: not paced
+    ceiling: float | None  # the most it will pace at (rate_limit, or 95 % of a stated limit)
+    policy: str | None  # the gateway's policy as last stated, e.g. "200/1s"
+    paused_for: float  # seconds until requests go out again
+
+
+class RateControl:
+    """One system's pace. Not thread-safe: one event loop owns it."""
+
+    def __init__(
+        self, hard_limit: float | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.hard_limit = hard_limit
+        self.rate: float | None = hard_limit
+        self.policy: Policy | None = None
+        self._clock = clock
+        self._next_slot = 0.0
+        self._paused_until = 0.0
+        self._last_cut = -math.inf
+        self._last_raise = 0.0
+        self._budget_size: int | None = None  # long windows: requests allowed per window
+        self._budget = 0
+        self._accepted: deque[float] = deque(maxlen=20_000)
+        self.requests = 0  # counters for status: every request reserved, every 429
+        self.throttled = 0
+
+    @property
+    def ceiling(self) -> float | None:
+        stated = None
+        if self.policy is not None and self.policy.window <= PACED_WINDOW:
+            stated = HEADROOM * self.policy.per_second
+        if stated is None:
+            return self.hard_limit
+        return stated if self.hard_limit is None else min(stated, self.hard_limit)
+
+    def reserve(self) -> float | None:
+        """Take the next slot: seconds to wait before sending, or None when the slot is more
+        than MAX_WAIT away (nothing is reserved then; the caller defers its work)."""
+        self.requests += 1
+        if self.rate is None and self._budget_size is None and not self._paused_until:
+            return 0.0  # never throttled: the fast path
+        now = self._clock()
+        start = max(now, self._paused_until)
+        if self._budget_size is not None:
+            if self._budget <= 0:
+                start = max(start, now + self.policy.window if self.policy else now)
+                if start - now > MAX_WAIT:
+                    self.requests -= 1
+                    return None
+                self._paused_until = start
+                self._budget = self._budget_size
+            self._budget -= 1
+        if self.rate is not None:
+            start = max(start, self._next_slot)
+            if start - now > MAX_WAIT:
+                self.requests -= 1
+                return None
+            self._next_slot = start + 1.0 / self.rate
+        elif start - now > MAX_WAIT:
+            self.requests -= 1
+            return None
+        return start - now
+
+    def accepted(self) -> None:
+        """An answer that was not a 429: remember it, and win back some rate."""
+        now = self._clock()
+        self._accepted.append(now)
+        rate = self.rate
+        if rate is None or now - self._last_raise < 1.0 or now < self._paused_until:
+            return
+        self._last_raise = now
+        ceiling = self.ceiling
+        if ceiling is None:
+            # No stated limit: grow by 5 % a second and stop pacing once far above demand.
+            rate *= 1.05
+            if rate > 4 * self._recent(now) + 10:
+                self.rate = None
+                return
+            self.rate = rate
+        elif rate < ceiling:
+            self.rate = min(ceiling, rate + INCREASE * ceiling)
+
+    def throttled_by(self, policy: Policy | None, retry_after: float | None) -> None:
+        """A 429: pause until the window rolls over and, once per window, cut the pace."""
+        now = self._clock()
+        self.throttled += 1
+        if policy is not None:
+            self.policy = policy
+        window = self.policy.window if self.policy is not None else 1.0
+        pause = retry_after if retry_after is not None else window
+        if now - self._last_cut < window:
+            # The same exhausted window, told again by requests already in flight.
+            self._paused_until = max(self._paused_until, now + min(pause, window))
+            return
+        self._last_cut = now
+        self._paused_until = max(self._paused_until, now + min(pause, 86_400.0))
+        self._last_raise = self._paused_until
+        if window > PACED_WINDOW:
+            assert self.policy is not None
+            first = self._budget_size is None
+            full = max(1, int(HEADROOM * self.policy.limit))
+            size = full if first else max(1, int((self._budget_size or full) * DECREASE))
+            self._budget_size = self._budget = size
+            return
+        ceiling = self.ceiling
+        floor = 0.05 * ceiling if ceiling else 0.5
+        if self.rate is None:
+            fresh = float(self._recent(now, window))  # what this process got through
+            fresh = fresh / window if window > 1 else fresh
+        else:
+            fresh = self.rate * DECREASE
+        if ceiling is not None:
+            fresh = min(fresh, ceiling)
+        self.rate = max(floor, fresh, 0.2)
+        self._next_slot = max(self._next_slot, self._paused_until)
+
+    def _recent(self, now: float, window: float = MEASURE) -> int:
+        accepted = self._accepted
+        while accepted and accepted[0] < now - window:
+            accepted.popleft()
+        return len(accepted)
+
+    def state(self) -> RateState:
+        policy = self.policy
+        shown = None
+        if policy is not None:
+            shown = f"{policy.limit}/{_window_text(policy.window)}"
+        return RateState(
+            rate=self.rate,
+            ceiling=self.ceiling,
+            policy=shown,
+            paused_for=max(0.0, self._paused_until - self._clock()),
+        )
+
+
+def _window_text(seconds: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+class CircuitOpen(Exception):
+    """Raised by `CircuitBreaker.admit` while the circuit is open."""
+
+    def __init__(self, retry_in: float, reason: str) -> None:
+        self.retry_in = retry_in
+        self.reason = reason
+        super().__init__(reason)
+
+
+class CircuitBreaker:
+    """closed: everything goes; half-open: one request at a time (the probe) until one answers;
+    open: nothing goes until the cool-down ends, then half-open again."""
+
+    THRESHOLD = 5  # consecutive outage-class failures that open the circuit
+    BASE_COOLDOWN = 5.0
+    MAX_COOLDOWN = 300.0
+
+    def __init__(self, system: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.system = system
+        self._clock = clock
+        self.state = "half-open"  # the first request of a process is a probe too
+        self.failures = 0
+        self.opens = 0  # consecutive openings: the cool-down doubles with each
+        self.open_until = 0.0
+        self.opened_at = 0.0
+        self.last_failure = ""
+        self._probing = False
+        self._settled: anyio.Event | None = None  # made at first wait: needs an event loop
+
+    async def admit(self) -> bool:
+        """Wait for permission to send. True when this request is the probe (then `record`
+        must be called with probe=True). Raises CircuitOpen while the circuit is open."""
+        while True:
+            if self.state == "closed":
+                return False
+            if self.state == "open":
+                remaining = self.open_until - self._clock()
+                if remaining > 0:
+                    raise CircuitOpen(
+                        remaining,
+                        f"circuit open after {self.failures} consecutive failures "
+                        f"(last: {self.last_failure}); next probe in {remaining:.0f}s",
+                    )
+                self.state = "half-open"
+            if not self._probing:
+                self._probing = True
+                return True
+            if self._settled is None:
+                self._settled = anyio.Event()
+            await self._settled.wait()
+
+    def record(self, *, up: bool, probe: bool, failure: str = "") -> None:
+        """The outcome of an admitted request: `up` when the system answered (anything but
+        a 5xx), else `failure` says what went wrong."""
+        if up:
+            self.failures = 0
+            if self.state != "closed":
+                if self.opens:
+                    log.warning(
+                        "%s: circuit closed: the system answers again (was open %.0fs)",
+                        self.system,
+                        self._clock() - self.opened_at,
+                    )
+                self.state = "closed"
+                self.opens = 0
+                self._wake()
+        else:
+            self.failures += 1
+            self.last_failure = failure
+            if self.failures >= self.THRESHOLD and (probe or self.state != "open"):
+                self._open()
+            elif self.state == "closed":
+                self.state = "half-open"
+        if probe:
+            self._probing = False
+            self._wake()
+
+    def cancelled(self, *, probe: bool) -> None:
+        """An admitted request ended without an outcome (cancelled): free the probe slot."""
+        if probe:
+            self._probing = False
+            self._wake()
+
+    def _open(self) -> None:
+        now = self._clock()
+        cooldown = min(self.MAX_COOLDOWN, self.BASE_COOLDOWN * 2**self.opens)
+        if self.opens == 0:
+            self.opened_at = now
+            log.warning(
+                "%s: circuit open after %d consecutive failures (last: %s); "
+                "requests paused, first probe in %.0fs",
+                self.system,
+                self.failures,
+                self.last_failure,
+                cooldown,
+            )
+        self.opens += 1
+        self.state = "open"
+        self.open_until = now + cooldown
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
+
+    def describe(self) -> str:
+        if self.state == "half-open" and not self.opens:
+            return "closed"  # a process's first probe, or a lone failure: nothing to report
+        if self.state == "open":
+            return f"open ({max(0.0, self.open_until - self._clock()):.0f}s to probe)"
+        return self.state
