@@ -17,6 +17,7 @@ from worker.config import Schedule
 from worker.health import schedule_interval
 from worker.sandbox import Sandbox
 from worker.store import Store, utcnow
+from worker.store.migrate import HEAD_REVISION
 from worker.store.schema import tasks
 
 pytestmark = pytest.mark.anyio
@@ -121,12 +122,12 @@ async def test_each_check_fails_on_its_own(
         old = await cli(tmp_path, database, sb, "healthcheck")
         assert old.returncode == 1
         assert old.stdout.splitlines() == [
-            "database: schema at revision 0000, not 0001: run `tasksync migrate`",
+            f"database: schema at revision 0000, not {HEAD_REVISION}: run `tasksync migrate`",
             "sync: not checked: the database is unavailable",
             "systems: not checked: the database is unavailable",
             "poll lag: not checked: the database is unavailable",
         ]
-        await execute(store, "UPDATE alembic_version SET version_num = '0001'")
+        await execute(store, f"UPDATE alembic_version SET version_num = '{HEAD_REVISION}'")
         assert "Traceback" not in old.stderr + broken.stderr + lag.stderr + late.stderr
 
 

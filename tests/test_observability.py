@@ -38,6 +38,7 @@ from tests.test_service import (
 from worker.config import ConfigError, load_config
 from worker.sandbox import Sandbox
 from worker.store import Store
+from worker.store.migrate import HEAD_REVISION
 
 pytestmark = pytest.mark.anyio
 
@@ -302,10 +303,12 @@ async def test_readyz_turns_503_on_a_schema_not_at_head(
             await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0000'"))
         body = await wait_for(url + "/readyz", 503, 10)
         assert body.strip() == (
-            "database: schema at revision 0000, not 0001: run `tasksync migrate`"
+            f"database: schema at revision 0000, not {HEAD_REVISION}: run `tasksync migrate`"
         )
         async with store.engine.begin() as conn:
-            await conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
+            await conn.execute(
+                sa.text(f"UPDATE alembic_version SET version_num = '{HEAD_REVISION}'")
+            )
         await wait_for(url + "/readyz", 200, 10)
         proc.signal(signal.SIGTERM)
         assert await proc.wait(30) == 0, proc.output
