@@ -116,6 +116,11 @@ def build_parser() -> Parser:
     p = sub.add_parser("sandbox", help="serve simulators of the three APIs on loopback")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--faults", metavar="SPEC")
+    p.add_argument(
+        "--throttle",
+        metavar="SPEC",
+        help="gateway limits per system, e.g. aicc=40/1s,secmaster=100/1s,koodrive=600/1m",
+    )
     p.add_argument("--write-config", metavar="FILE")
     p.add_argument(
         "--seed-tasks",
@@ -626,8 +631,9 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             write_config=args.write_config,
             seed_tasks=args.seed_tasks,
             mutate_every=args.mutate_every,
+            throttle=args.throttle,
         )
-    except ValueError as exc:  # a bad --faults spec
+    except ValueError as exc:  # a bad --faults or --throttle spec
         raise InvalidInput(str(exc)) from None
 
 

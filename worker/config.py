@@ -202,6 +202,8 @@ class SecMasterSettings(_SystemSettings):
     project_id: str
     workspace_id: str
     discover: bool = False
+    # which ListTasks lists discovery walks: to-dos still waiting, and/or those dealt with
+    discover_query_types: tuple[Literal["my_todo", "all_handled"], ...] = ("my_todo",)
     ak: str | None = None
     sk: SecretStr | None = None
     iam_url: str | None = None
@@ -210,6 +212,17 @@ class SecMasterSettings(_SystemSettings):
     domain: str | None = None
     region: str | None = None
     token: SecretStr | None = None
+
+    @field_validator("discover_query_types", mode="before")
+    @classmethod
+    def _query_types(cls, value: object) -> object:
+        if isinstance(value, str):  # from the environment: "my_todo,all_handled"
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("must name at least one list (my_todo, all_handled)")
+            return tuple(dict.fromkeys(value))
+        return value
 
     @field_validator("iam_url")
     @classmethod

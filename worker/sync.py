@@ -34,8 +34,8 @@ from worker.config import Settings
 from worker.diff import diff
 from worker.metrics import observe_cycle, observe_polls
 from worker.model import Fetched, System
-from worker.store import ClaimedTask, HealthRow, PollResult, Store, utcnow
-from worker.upstreams.base import ErrorKind, Health, Upstream, UpstreamError
+from worker.store import ClaimedTask, HealthRow, PollResult, Store, WalkRow, utcnow
+from worker.upstreams.base import ErrorKind, Health, Upstream, UpstreamError, Walk
 
 log = logging.getLogger("worker.sync")
 
@@ -396,33 +396,60 @@ async def discover(
     progress: Progress | None = None,
     batch: int = 500,
 ) -> DiscoverStats:
-    """Page through each system's list endpoint and track the tasks not tracked yet."""
+    """Walk each system's list endpoint and track the tasks not tracked yet.
+
+    The systems are walked side by side. A page that fails transiently is retried inside the
+    client (paging.read_page); what ends a walk early is logged in one line naming the system,
+    the page and the cause, and what it found before that is kept."""
     stats = DiscoverStats()
     started = time.monotonic()
     run_id = await store.start_run(worker, "discover")
+    walks: list[WalkRow] = []
     try:
-        for system, upstream in upstreams.items():
-            if systems and system not in systems:
-                continue
-            pending: list[tuple[str, str]] = []
-            try:
-                async for task_id in upstream.discover():
-                    pending.append((system, task_id))
-                    stats.seen += 1
-                    if progress is not None:
-                        progress(1)
-                    if len(pending) >= batch:
-                        stats.new += await store.track_many(pending)
-                        pending = []
-            except UpstreamError as exc:
-                log.error("discovery of %s stopped: %s", system, exc)
-                stats.failed.append(str(exc))
-            finally:
-                stats.new += await store.track_many(pending)
+        async with anyio.create_task_group() as tg:
+            for system, upstream in upstreams.items():
+                if not systems or system in systems:
+                    tg.start_soon(_walk, store, system, upstream, stats, walks, progress, batch)
     finally:
         with anyio.CancelScope(shield=True):
             await store.finish_run(
                 run_id, polled=stats.seen, changed=0, failed=len(stats.failed), discovered=stats.new
             )
+            await store.record_walks(run_id, worker, walks)
         observe_cycle("discover", started)
     return stats
+
+
+async def _walk(
+    store: Store,
+    system: System,
+    upstream: Upstream,
+    stats: DiscoverStats,
+    walks: list[WalkRow],
+    progress: Progress | None,
+    batch: int,
+) -> None:
+    started = utcnow()
+    walk = Walk()
+    found = new = 0
+    error: str | None = None
+    pending: list[tuple[str, str]] = []
+    try:
+        async for task_id in upstream.discover(walk):
+            pending.append((system, task_id))
+            found += 1
+            stats.seen += 1
+            if progress is not None:
+                progress(1)
+            if len(pending) >= batch:
+                new += await store.track_many(pending)
+                pending = []
+    except UpstreamError as exc:
+        error = str(exc)
+        log.error("discovery of %s stopped: %s", system, exc)
+        stats.failed.append(error)
+    finally:
+        with anyio.CancelScope(shield=True):
+            new += await store.track_many(pending)
+        stats.new += new
+        walks.append(WalkRow(system, started, walk.pages, found, new, error is None, error))

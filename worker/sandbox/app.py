@@ -20,6 +20,7 @@ from worker.model import System
 from worker.sandbox import payloads, seed
 from worker.sandbox.auth import Authenticator
 from worker.sandbox.faults import FaultInjector
+from worker.sandbox.gateway import Gateway
 from worker.sandbox.iam import iam_token_response
 from worker.sandbox.state import BusinessError, SandboxState
 from worker.sandbox.tasks import AiccTask
@@ -80,7 +81,9 @@ class Simulator:
         faults: FaultInjector,
         auth: Authenticator,
         requests: RequestLog,
+        gateway: Gateway | None = None,
     ) -> None:
+        self.gateway = gateway or Gateway()
         self.state = state
         self.faults = faults
         self.auth = auth
@@ -106,6 +109,14 @@ class Simulator:
         self, request: web.Request, system: System, route: str, write: bool, handle: Handle
     ) -> web.StreamResponse:
         self.requests.routes[route] += 1
+        down = self.faults.spec.down_mode(system) if self.faults.spec.down else None
+        if down == "503":
+            return gateway_error(503, "APIGW.0202", "The backend service is unavailable")
+        if down == "drop":
+            return _drop(request)
+        broken = self.gateway.admit(system)
+        if broken is not None:
+            return gateway_error(429, "APIGW.0308", broken.message(), retry_after=False)
         fault, expire = self.faults.draw()
         if expire:
             self.auth.aicc_tokens.revoke_all()
@@ -114,8 +125,9 @@ class Simulator:
             return gateway_error(
                 429,
                 "APIGW.0308",
+                # the gateway's default policy: a fault, not a limit the client could keep
                 "The throttling threshold has been reached: policy user over ratelimit,"
-                "limit:100,time:1 minute",
+                "limit:200,time:1 second",
                 retry_after=fault == "429",
             )
         body = await request.read()
@@ -303,8 +315,11 @@ class Simulator:
             raise BadRequest(f"sort_dir {sort_dir!r} is not ASC or DESC")
         business_type = query.get("business_type")
         # my_todo: the to-dos still waiting for someone; all_handled: the ones dealt with.
-        # from_date/to_date are accepted and ignored (their format is not documented).
+        # from_date/to_date (inclusive) filter on create_time, in SecMaster's time format; the
+        # real service's choice of field is not documented (docs/upstream.md).
         waiting = query_type == "my_todo"
+        since = _list_time(query.get("from_date"), "from_date")
+        until = _list_time(query.get("to_date"), "to_date")
         creds = self.credentials
         matches = [
             t
@@ -315,6 +330,8 @@ class Simulator:
                 or payloads.secmaster_business_type(t.n, creds.project_id, creds.workspace_id)
                 == business_type
             )
+            and (since is None or payloads.secmaster_created_ms(t.n) >= since)
+            and (until is None or payloads.secmaster_created_ms(t.n) <= until)
         ]
         if sort_key is not None:  # without one: creation order in the sandbox
             if sort_key == "create_time":
@@ -387,6 +404,18 @@ def _aicc_matches(
         return False
     created = seed.created_epoch(task.n)
     return (since is None or created >= since) and (until is None or created <= until)
+
+
+def _list_time(value: str | None, name: str) -> int | None:
+    """A from_date/to_date parameter as epoch milliseconds; BadRequest when unreadable."""
+    if value is None:
+        return None
+    from worker.upstreams.secmaster import parse_time
+
+    moment = parse_time(value)
+    if moment is None:
+        raise BadRequest(f"{name} {value!r} is not a time like 2025-08-19T14:53:42.424Z+0800")
+    return int(moment.timestamp() * 1000)
 
 
 def _drop(request: web.Request) -> web.Response:

@@ -40,6 +40,9 @@ class FaultSpec:
       "unknown outcome" case).
     - malformed: HTTP 200 with a truncated JSON body (a write is applied first).
     - expire: every `expire` requests, every issued AICC and IAM token dies early.
+    - down: systems that are down: `secmaster` drops every connection without an answer (the
+      sandbox serves all three systems on one port, so it cannot refuse one system's
+      connections: this is the nearest), `secmaster:503` answers 503 to every request.
     """
 
     error_500: float = 0.0
@@ -50,6 +53,7 @@ class FaultSpec:
     malformed: float = 0.0
     expire: int | None = None
     slow_seconds: float = _DEFAULT_SLOW
+    down: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in _RATE_FIELDS.values():
@@ -62,6 +66,21 @@ class FaultSpec:
             raise ValueError(f"expire must be a positive number of requests, not {self.expire}")
         if not 0.0 <= self.slow_seconds <= 3600.0:
             raise ValueError(f"slow-seconds must be between 0 and 3600, not {self.slow_seconds}")
+        for item in self.down:
+            system, _, mode = item.partition(":")
+            if system not in ("aicc", "secmaster", "koodrive") or mode not in ("", "503"):
+                raise ValueError(
+                    f"down={item}: expected a system (aicc, secmaster, koodrive), "
+                    "optionally with :503"
+                )
+
+    def down_mode(self, system: str) -> str | None:
+        """None when the system is up; "drop" or "503" when it is down."""
+        for item in self.down:
+            name, _, mode = item.partition(":")
+            if name == system:
+                return mode or "drop"
+        return None
 
     def rates(self) -> tuple[float, ...]:
         """Probabilities in the order of FAULTS."""
@@ -78,6 +97,7 @@ class FaultSpec:
         Raises ValueError naming the offending item.
         """
         values: dict[str, float | int] = {}
+        down: list[str] = []
         for raw in text.split(","):
             item = raw.strip()
             if not item:
@@ -86,21 +106,23 @@ class FaultSpec:
             if not sep or not value:
                 raise ValueError(f"fault item {item!r}: expected NAME=VALUE")
             try:
-                if name == "expire":
+                if name == "down":
+                    down.append(value)
+                elif name == "expire":
                     values["expire"] = int(value)
                 elif name == "slow-seconds":
                     values["slow_seconds"] = float(value)
                 elif name in _RATE_FIELDS:
                     values[_RATE_FIELDS[name]] = float(value)
                 else:
-                    known = ", ".join((*_RATE_FIELDS, "expire", "slow-seconds"))
+                    known = ", ".join((*_RATE_FIELDS, "expire", "slow-seconds", "down"))
                     raise ValueError(f"fault item {item!r}: unknown fault {name!r} ({known})")
             except ValueError as exc:
                 if "fault item" in str(exc):
                     raise
                 raise ValueError(f"fault item {item!r}: {value!r} is not a number") from None
         try:
-            return cls(**values)  # type: ignore[arg-type]
+            return cls(**values, down=tuple(down))  # type: ignore[arg-type]
         except ValueError as exc:
             raise ValueError(f"fault spec {text!r}: {exc}") from None
 
@@ -113,6 +135,7 @@ class FaultSpec:
             items.append(f"expire={self.expire}")
         if self.slow_seconds != _DEFAULT_SLOW:
             items.append(f"slow-seconds={self.slow_seconds:g}")
+        items += [f"down={item}" for item in self.down]
         return ",".join(items)
 
 

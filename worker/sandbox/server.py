@@ -26,6 +26,7 @@ from worker.model import SYSTEMS, System
 from worker.sandbox.app import RequestLog, Simulator
 from worker.sandbox.auth import CREDENTIALS, Authenticator, Credentials, TokenStore
 from worker.sandbox.faults import FaultInjector, FaultSpec
+from worker.sandbox.gateway import Gateway, parse_throttle
 from worker.sandbox.state import Effect, Origin, SandboxState
 
 HOST = "127.0.0.1"  # loopback only: the sandbox's credentials are public
@@ -45,6 +46,8 @@ class Sandbox:
     - token_lifetime / iam_token_lifetime: seconds an AICC / IAM token lives.
     - mutate_every: change `mutate_count` random tasks every so many seconds ("by others").
     - cache_bytes: budget of rendered bodies kept (LRU); 0 renders on every request.
+    - throttle: gateway policies per system, e.g. "aicc=40/1s,koodrive=600/1m" (429 APIGW.0308
+      once a fixed window's limit is spent); change them later with `set_throttle`.
     - aksk_lockout: seconds an AK/SK stays locked after 5 failed signatures in a row
       (SecMaster locks for 300); None (default) never locks.
     """
@@ -63,6 +66,7 @@ class Sandbox:
         mutate_count: int = 1,
         cache_bytes: int = 256 * 1024 * 1024,
         aksk_lockout: float | None = None,
+        throttle: str | None = None,
     ) -> None:
         if mutate_every is not None and mutate_every <= 0:
             raise ValueError("mutate_every must be a positive number of seconds")
@@ -81,7 +85,8 @@ class Sandbox:
             credentials, self.aicc_tokens, self.iam_tokens, aksk_lockout=aksk_lockout
         )
         self.requests = RequestLog()
-        self.simulator = Simulator(self.state, self.faults, self.auth, self.requests)
+        self.gateway = Gateway(parse_throttle(throttle or ""))
+        self.simulator = Simulator(self.state, self.faults, self.auth, self.requests, self.gateway)
         self.mutate_every = mutate_every
         self.mutate_count = mutate_count
         self._requested_port = port
@@ -137,6 +142,10 @@ class Sandbox:
     def set_faults(self, spec: FaultSpec | str | None) -> None:
         """Change the faults from now on (None or "": none). Counters keep counting."""
         self.faults.spec = _spec(spec)
+
+    def set_throttle(self, spec: str | None) -> None:
+        """Gateway policies from now on, e.g. "aicc=40/1s,koodrive=600/1m" (None: none)."""
+        self.gateway.policies = parse_throttle(spec or "")
 
     def expire_tokens(self) -> None:
         """Every AICC and IAM token issued so far stops working (early expiry)."""
@@ -272,6 +281,7 @@ def serve(
     seed_tasks: int = 20,
     mutate_every: float | None = None,
     seed: int = 1,
+    throttle: str | None = None,
 ) -> int:
     """Run the sandbox in the foreground until SIGTERM or SIGINT; the exit status.
 
@@ -285,6 +295,7 @@ def serve(
         faults=_spec(faults),
         port=port,
         mutate_every=mutate_every,
+        throttle=throttle,
     )
     # The seeded tasks live as long as the process: keep the cyclic GC from walking them all
     # (85 ms per full collection at 100k tasks per system). This process is the sandbox's own.

@@ -31,11 +31,15 @@ def build_upstreams(settings: Settings) -> dict[System, Upstream]:
     # system's rate or circuit holds no slot, so a throttled system never starves the others.
     shared = asyncio.Semaphore(limit)
     clients: dict[System, Upstream] = {}
+    # [retry] also spaces the tries of a failed discovery page
+    paging = settings.retry.base_delay
     if systems.aicc is not None:
-        clients["aicc"] = AiccClient(systems.aicc, connector_limit=limit, in_flight=shared)
+        clients["aicc"] = AiccClient(
+            systems.aicc, connector_limit=limit, in_flight=shared, page_delay=paging
+        )
     if systems.secmaster is not None:
         clients["secmaster"] = SecMasterClient(
-            systems.secmaster, connector_limit=limit, in_flight=shared
+            systems.secmaster, connector_limit=limit, in_flight=shared, page_delay=paging
         )
     if systems.koodrive is not None:
         clients["koodrive"] = KooDriveClient(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from urllib.parse import quote, urlencode
 
 import orjson
@@ -20,9 +21,10 @@ from worker.hashing import content_hash
 from worker.model import JSON, Fetched, Observation, State, System, TraceEntry
 from worker.redact import Redactor
 from worker.text import one_line
-from worker.upstreams.base import ErrorKind, Health, UpstreamError, reword
+from worker.upstreams.base import ErrorKind, Health, UpstreamError, Walk, reword
 from worker.upstreams.envelope import as_text, code_and_message, type_name
 from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
+from worker.upstreams.paging import read_page
 from worker.upstreams.tokens import Token, TokenCache
 
 TOKEN_PATH = "/baas/auth/v1.0/oauth2/token"  # noqa: S105 (a path, not a password)
@@ -80,8 +82,10 @@ class AiccClient:
         *,
         connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
         in_flight: asyncio.Semaphore | None = None,
+        page_delay: float = 0.5,
     ) -> None:
         self._settings = settings
+        self._page_delay = page_delay  # backoff base between tries of a failed list page
         self._http = HttpClient(
             "aicc",
             base_url=settings.base_url,
@@ -158,7 +162,7 @@ class AiccClient:
             "POST", f"{TASK_PATH}/process", task_id=task_id, write=True, payload=body
         )
 
-    async def discover(self) -> AsyncIterator[str]:
+    async def discover(self, walk: Walk | None = None) -> AsyncIterator[str]:
         creator = self._settings.creator_id
         if not creator:
             raise self._http.error(
@@ -168,33 +172,13 @@ class AiccClient:
             )
         start, seen = 0, set[str]()
         while True:
-            where = f"task list at start {start}: "
-            try:
-                data = await self._call(
-                    "POST",
-                    f"{TASK_PATH}/list",
-                    task_id=None,
-                    write=False,
-                    payload={"start": start, "limit": PAGE_SIZE, "creatorId": creator},
-                )
-                result = self._object(data, "result", None)
-                items = result.get("taskList") or []
-                count = result.get("count")
-                if not isinstance(items, list):
-                    raise self._http.malformed(
-                        f"result.taskList is {type_name(items)}, expected a list",
-                        task_id=None,
-                        write=False,
-                    )
-                total = _count(count)
-                if total is None:
-                    raise self._http.malformed(
-                        f"result.count is {type_name(count)}, expected a number",
-                        task_id=None,
-                        write=False,
-                    )
-            except UpstreamError as exc:
-                raise reword(exc, task_id=None, prefix=where) from None
+            items, total = await read_page(
+                partial(self._list_page, start, creator),
+                f"task list at start {start}: ",
+                self._page_delay,
+            )
+            if walk is not None:
+                walk.pages += 1
             fresh = [task_id for task_id in _ids(items) if task_id not in seen]
             for task_id in fresh:
                 seen.add(task_id)
@@ -202,6 +186,32 @@ class AiccClient:
             start += PAGE_SIZE
             if not fresh or start >= total:  # no new id: a server ignoring start ends here
                 return
+
+    async def _list_page(self, start: int, creator: str) -> tuple[list[JSON], int]:
+        data = await self._call(
+            "POST",
+            f"{TASK_PATH}/list",
+            task_id=None,
+            write=False,
+            payload={"start": start, "limit": PAGE_SIZE, "creatorId": creator},
+        )
+        result = self._object(data, "result", None)
+        items = result.get("taskList") or []
+        count = result.get("count")
+        if not isinstance(items, list):
+            raise self._http.malformed(
+                f"result.taskList is {type_name(items)}, expected a list",
+                task_id=None,
+                write=False,
+            )
+        total = _count(count)
+        if total is None:
+            raise self._http.malformed(
+                f"result.count is {type_name(count)}, expected a number",
+                task_id=None,
+                write=False,
+            )
+        return items, total
 
     # -- plumbing --------------------------------------------------------------------------------
 

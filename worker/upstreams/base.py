@@ -78,6 +78,13 @@ def reword(
     )
 
 
+@dataclass(slots=True)
+class Walk:
+    """How far one discovery walk got: pages read."""
+
+    pages: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     """A client's view of its system: request and 429 counters since it was built, the pace
@@ -108,8 +115,10 @@ class Upstream(Protocol):
         """
         ...
 
-    def discover(self) -> AsyncIterator[str]:
-        """Page through the list endpoint, yielding task ids. Systems without one yield nothing."""
+    def discover(self, walk: Walk | None = None) -> AsyncIterator[str]:
+        """Page through the list endpoint, yielding task ids (each once) and counting pages in
+        `walk`. Systems without one yield nothing. Transient failures of a page are retried
+        (paging.read_page); the error that finally stops a walk names the page."""
         ...
 
     def observe(self, payload: Mapping[str, JSON]) -> Observation:

@@ -5,6 +5,7 @@ Huawei's API gateway throttles per API and credential over fixed windows and say
 that uses that message when it is there:
 
 - Until a system throttles, nothing is paced: `reserve()` returns 0 without a clock read.
+- A 429 that states no limit pauses the system for its Retry-After, or one second.
 - The first 429 pauses the system until the window has surely rolled over (the window was used
   up: a request sent earlier would be refused too) and sets the pace to what this process got
   through in the last window, capped by 95 % of the stated limit. Several workers that share one
@@ -49,7 +50,8 @@ DECREASE = 0.7  # multiplicative cut on a 429
 INCREASE = 0.02  # of the ceiling, added back per second without a 429
 PACED_WINDOW = 10.0  # seconds: windows up to this are paced, longer ones spent as a budget
 MAX_WAIT = 65.0  # a caller waits this long for its slot (a minute window); longer: deferred
-MEASURE = 1.0  # seconds of accepted answers remembered for the first cut
+MEASURE = 1.0  # seconds of accepted answers counted for the first cut
+PROBE_EVERY = 5.0  # during a long pause, one request this often tests whether it is over
 
 _POLICY = re.compile(
     r"limit\s*:\s*(\d+)\s*,\s*time\s*:\s*(\d+)\s*(second|minute|hour|day)s?", re.IGNORECASE
@@ -104,12 +106,14 @@ class RateControl:
         self._clock = clock
         self._next_slot = 0.0
         self._paused_until = 0.0
+        self._paused_at = 0.0
+        self._next_probe = 0.0
         self._last_cut = -math.inf
         self._last_raise = 0.0
         self._budget_size: int | None = None  # long windows: requests allowed per window
         self._budget = 0
         self._accepted: deque[float] = deque(maxlen=20_000)
-        self.requests = 0  # counters for status: every request reserved, every 429
+        self.requests = 0  # counters for status: every request let through, every 429
         self.throttled = 0
 
     @property
@@ -121,92 +125,116 @@ class RateControl:
             return self.hard_limit
         return stated if self.hard_limit is None else min(stated, self.hard_limit)
 
-    def reserve(self) -> float | None:
-        """Take the next slot: seconds to wait before sending, or None when the slot is more
-        than MAX_WAIT away (nothing is reserved then; the caller defers its work)."""
-        self.requests += 1
+    def reserve(self) -> tuple[float, bool] | None:
+        """Ask to send: (seconds to wait, final). A final wait is a reserved slot: send when it
+        ends. A wait that is not final is a pause: wait, then ask again (a probe may have found
+        the window open meanwhile). None: nothing before MAX_WAIT; the caller defers its work."""
         if self.rate is None and self._budget_size is None and not self._paused_until:
-            return 0.0  # never throttled: the fast path
+            self.requests += 1
+            return 0.0, True  # never throttled: the fast path
         now = self._clock()
-        start = max(now, self._paused_until)
+        if now < self._paused_until:
+            if now >= self._next_probe:
+                # One request every PROBE_EVERY seconds tests whether the window rolled over
+                # early (the gateway's windows are fixed, their edges unknown to us).
+                self._next_probe = now + PROBE_EVERY
+                self.requests += 1
+                return 0.0, True
+            wait = min(self._paused_until, self._next_probe) - now
+            if self._paused_until - now > MAX_WAIT and wait > MAX_WAIT:
+                return None
+            return wait, False
         if self._budget_size is not None:
             if self._budget <= 0:
-                start = max(start, now + self.policy.window if self.policy else now)
-                if start - now > MAX_WAIT:
-                    self.requests -= 1
-                    return None
-                self._paused_until = start
+                assert self.policy is not None
+                self._pause(now, self.policy.window, probes=False)  # our own budget: no probes
                 self._budget = self._budget_size
+                return self.reserve()
             self._budget -= 1
+        start = now
         if self.rate is not None:
-            start = max(start, self._next_slot)
+            start = max(now, self._next_slot)
             if start - now > MAX_WAIT:
-                self.requests -= 1
+                if self._budget_size is not None:
+                    self._budget += 1
                 return None
             self._next_slot = start + 1.0 / self.rate
-        elif start - now > MAX_WAIT:
-            self.requests -= 1
-            return None
-        return start - now
+        self.requests += 1
+        return start - now, True
 
-    def accepted(self) -> None:
-        """An answer that was not a 429: remember it, and win back some rate."""
+    def now(self) -> float:
+        return self._clock()
+
+    def accepted(self, sent_at: float) -> None:
+        """An answer that was not a 429 to a request sent at `sent_at` (`now()`): remember it,
+        and win back some rate."""
         now = self._clock()
         self._accepted.append(now)
-        rate = self.rate
-        if rate is None or now - self._last_raise < 1.0 or now < self._paused_until:
+        if now < self._paused_until and sent_at >= self._paused_at:
+            # sent during the pause (a probe) and let through: the window rolled over early
+            self._paused_until = 0.0
+            self._budget = self._budget_size or 0
+        rate, ceiling = self.rate, self.ceiling
+        if rate is None or ceiling is None or rate >= ceiling or now - self._last_raise < 1.0:
             return
         self._last_raise = now
-        ceiling = self.ceiling
-        if ceiling is None:
-            # No stated limit: grow by 5 % a second and stop pacing once far above demand.
-            rate *= 1.05
-            if rate > 4 * self._recent(now) + 10:
-                self.rate = None
-                return
-            self.rate = rate
-        elif rate < ceiling:
-            self.rate = min(ceiling, rate + INCREASE * ceiling)
+        self.rate = min(ceiling, rate + INCREASE * ceiling)
 
     def throttled_by(self, policy: Policy | None, retry_after: float | None) -> None:
         """A 429: pause until the window rolls over and, once per window, cut the pace."""
         now = self._clock()
         self.throttled += 1
+        if retry_after is not None:
+            self._pause(now, min(retry_after, 86_400.0))  # the gateway said when: believe it
+        if policy is None and self.policy is None:
+            # No limit stated, ever: nothing to pace by. Wait out the window and go on.
+            if retry_after is None:
+                self._pause(now, 1.0)
+            return
         if policy is not None:
+            span = min(policy.window, 60.0)
+            used = self._recent(now, span)
+            if self.policy is None and used * 10 < policy.limit * span / policy.window:
+                # This process used under a tenth of the stated limit: the 429 is not its
+                # doing (another client of the credential, or a fluke). Retry as usual.
+                return
             self.policy = policy
-        window = self.policy.window if self.policy is not None else 1.0
-        pause = retry_after if retry_after is not None else window
+        assert self.policy is not None
+        window = self.policy.window
         if now - self._last_cut < window:
-            # The same exhausted window, told again by requests already in flight.
-            self._paused_until = max(self._paused_until, now + min(pause, window))
+            # The same spent window, told again by requests already in flight.
+            if retry_after is None:
+                self._pause(now, window)
             return
         self._last_cut = now
-        self._paused_until = max(self._paused_until, now + min(pause, 86_400.0))
+        if retry_after is None:
+            self._pause(now, window)
         self._last_raise = self._paused_until
         if window > PACED_WINDOW:
-            assert self.policy is not None
-            first = self._budget_size is None
             full = max(1, int(HEADROOM * self.policy.limit))
-            size = full if first else max(1, int((self._budget_size or full) * DECREASE))
-            self._budget_size = self._budget = size
+            if self._budget_size is not None:
+                full = max(1, int(self._budget_size * DECREASE))
+            self._budget_size = self._budget = full
             return
         ceiling = self.ceiling
-        floor = 0.05 * ceiling if ceiling else 0.5
-        if self.rate is None:
-            fresh = float(self._recent(now, window))  # what this process got through
-            fresh = fresh / window if window > 1 else fresh
-        else:
-            fresh = self.rate * DECREASE
-        if ceiling is not None:
-            fresh = min(fresh, ceiling)
-        self.rate = max(floor, fresh, 0.2)
+        assert ceiling is not None  # a paced window has a stated limit
+        # first cut: what this process got through in the window; later ones: by DECREASE
+        fresh = self._recent(now, window) / window if self.rate is None else self.rate * DECREASE
+        self.rate = max(0.05 * ceiling, min(fresh, ceiling))
         self._next_slot = max(self._next_slot, self._paused_until)
+
+    def _pause(self, now: float, seconds: float, *, probes: bool = True) -> None:
+        until = now + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._paused_at = now
+            self._next_probe = now + min(PROBE_EVERY, seconds) if probes else until
 
     def _recent(self, now: float, window: float = MEASURE) -> int:
         accepted = self._accepted
-        while accepted and accepted[0] < now - window:
+        while accepted and accepted[0] < now - 60.0:
             accepted.popleft()
-        return len(accepted)
+        return sum(1 for t in accepted if t >= now - window)
 
     def state(self) -> RateState:
         policy = self.policy

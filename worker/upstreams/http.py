@@ -66,8 +66,6 @@ DEFAULT_CONNECTOR_LIMIT = 64  # per system and session; worker.concurrency bound
 MAX_DETAIL = 300  # characters of an upstream message kept in an error
 
 
-
-
 class Auth(Protocol):
     """How one system authenticates a request: the credential for it, the headers that carry
     it, and what to do when the upstream refuses it (renew once, or give up by raising)."""
@@ -251,7 +249,9 @@ class HttpClient:
             kind = ErrorKind.UNKNOWN if write else ErrorKind.RETRY
         if not detail:
             gateway_code, gateway_message = gateway_fields(answer.data)
-            detail = " ".join(t for t in (gateway_code and f"{gateway_code}:", gateway_message) if t)
+            detail = " ".join(
+                t for t in (gateway_code and f"{gateway_code}:", gateway_message) if t
+            )
         text = detail or f"({answer.described})"
         return self.error(
             kind,
@@ -319,24 +319,33 @@ class HttpClient:
         non-2xx answer is returned for the caller to classify with its envelope (see
         `status_error`); a 429 also slows this system down.
         """
-        wait = self.rate.reserve()
-        if wait is None:
-            state = self.rate.state()
-            raise self.error(
-                ErrorKind.RETRY,
-                f"throttled by the gateway (policy {state.policy or 'unknown'}): "
-                f"no request before {state.paused_for:.0f}s",
-                task_id=task_id,
-                retry_after=state.paused_for,
-                deferred=True,
-            )
-        if wait:
-            await anyio.sleep(wait)
+        while True:
+            slot = self.rate.reserve()
+            if slot is None:
+                state = self.rate.state()
+                raise self.error(
+                    ErrorKind.RETRY,
+                    f"throttled by the gateway (policy {state.policy or 'unknown'}): "
+                    f"no request for {state.paused_for:.0f}s",
+                    task_id=task_id,
+                    retry_after=state.paused_for,
+                    deferred=True,
+                )
+            wait, final = slot
+            if wait:
+                await anyio.sleep(wait)
+            if final:
+                break
+        sent_at = self.rate.now()
         try:
             probe = await self.breaker.admit()
         except CircuitOpen as exc:
             raise self.error(
-                ErrorKind.RETRY, exc.reason, task_id=task_id, retry_after=exc.retry_in, deferred=True
+                ErrorKind.RETRY,
+                exc.reason,
+                task_id=task_id,
+                retry_after=exc.retry_in,
+                deferred=True,
             ) from None
         try:
             if self._in_flight is None:
@@ -359,7 +368,7 @@ class HttpClient:
             )
             self.breaker.record(up=True, probe=probe)
         else:
-            self.rate.accepted()
+            self.rate.accepted(sent_at)
             self.breaker.record(up=status < 500, probe=probe, failure=f"HTTP {status}")
         return answer
 

@@ -22,7 +22,7 @@ from worker.hashing import content_hash
 from worker.model import JSON, Fetched, Observation, State, System
 from worker.redact import Redactor
 from worker.text import one_line
-from worker.upstreams.base import ErrorKind, Health, UpstreamError, reword
+from worker.upstreams.base import ErrorKind, Health, UpstreamError, Walk, reword
 from worker.upstreams.envelope import as_text, code_and_message, type_name
 from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
 from worker.upstreams.signing import sign_app
@@ -114,7 +114,7 @@ class KooDriveClient:
             ErrorKind.PERMANENT, "koodrive tasks are read-only: no actions", task_id=task_id
         )
 
-    async def discover(self) -> AsyncIterator[str]:
+    async def discover(self, walk: Walk | None = None) -> AsyncIterator[str]:
         # KooDrive has no list endpoint: tasks are tracked by id only.
         nothing: tuple[str, ...] = ()
         for task_id in nothing:

@@ -26,9 +26,10 @@ from worker.hashing import content_hash
 from worker.model import JSON, Comment, Fetched, Observation, State, System
 from worker.redact import Redactor
 from worker.text import one_line
-from worker.upstreams.base import ErrorKind, Health, UpstreamError, reword
+from worker.upstreams.base import ErrorKind, Health, UpstreamError, Walk, reword
 from worker.upstreams.envelope import as_text, code_and_message, type_name
 from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
+from worker.upstreams.paging import read_page
 from worker.upstreams.signing import sign_sdk
 from worker.upstreams.tokens import Token, TokenCache
 
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 SUCCESS = "00000000"
 PAGE_SIZE = 100  # ListTasks' maximum limit
-MAX_OFFSET = 9999  # ListTasks refuses larger offsets: at most ~10k rows per query
+MAX_ROWS = 10_000  # ListTasks refuses offsets from here on: at most this many rows per query
+DISCOVERY_START = datetime(2000, 1, 1, tzinfo=UTC)  # before any SecMaster task was created
 IAM_FALLBACK_LIFETIME = 3600.0  # when token.expires_at is unreadable (documented: 24 h)
 IAM_MIN_LIFETIME = 60.0  # a clock-skewed "already expired" answer must not renew every request
 
@@ -142,8 +144,10 @@ class SecMasterClient:
         *,
         connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
         in_flight: asyncio.Semaphore | None = None,
+        page_delay: float = 0.5,
     ) -> None:
         self._settings = settings
+        self._page_delay = page_delay  # backoff base between tries of a failed list page
         self._mode: Literal["aksk", "iam", "token"] = settings.auth_mode
         self._http = HttpClient(
             "secmaster",
@@ -204,39 +208,80 @@ class SecMasterClient:
         )
         return envelope
 
-    async def discover(self) -> AsyncIterator[str]:
-        offset, seen = 0, set[str]()
+    async def discover(self, walk: Walk | None = None) -> AsyncIterator[str]:
+        seen: set[str] = set()
+        for query_type in self._settings.discover_query_types:
+            async for task_id in self._walk(query_type, None, seen, walk or Walk()):
+                yield task_id
+
+    async def _walk(
+        self,
+        query_type: str,
+        window: tuple[datetime, datetime] | None,
+        seen: set[str],
+        walk: Walk,
+        first: tuple[list[JSON], int] | None = None,
+    ) -> AsyncIterator[str]:
+        """Every task of one list (`query_type`), optionally created within `window`.
+
+        ListTasks refuses offsets of 10,000 and more, so a list longer than that is narrowed
+        by from_date/to_date: the window is halved until each part holds fewer rows."""
+        offset = 0
         while True:
-            where = f"task list at offset {offset}: "
-            try:
-                envelope = await self._call(
-                    "GET",
-                    self._tasks_path,
-                    query=[("limit", str(PAGE_SIZE)), ("offset", str(offset))],
-                    task_id=None,
-                    write=False,
+            if offset == 0 and first is not None:
+                items, total = first
+            else:
+                items, total = await self._page(query_type, window, offset)
+                walk.pages += 1
+            if offset == 0 and total > MAX_ROWS:
+                halves = _halves(window or (DISCOVERY_START, datetime.now(UTC) + timedelta(days=1)))
+                parts = (
+                    [] if halves is None else [await self._page(query_type, h, 0) for h in halves]
                 )
-                items, total = self._page(envelope)
-            except UpstreamError as exc:
-                raise reword(exc, task_id=None, prefix=where) from None
+                walk.pages += len(parts)
+                if halves is not None and not all(t == total for _, t in parts):
+                    for half, part in zip(halves, parts, strict=True):
+                        async for task_id in self._walk(query_type, half, seen, walk, part):
+                            yield task_id
+                    return
+                log.warning(
+                    "secmaster %s list holds %d tasks that from_date/to_date cannot narrow "
+                    "(created within one second, or the dates are ignored): only the first "
+                    "%d can be listed",
+                    query_type,
+                    total,
+                    MAX_ROWS,
+                )
             fresh = [task_id for task_id in _ids(items, "id") if task_id not in seen]
             for task_id in fresh:
                 seen.add(task_id)
                 yield task_id
             offset += PAGE_SIZE
-            if not fresh or offset >= total:  # no new id: a server ignoring offset ends here
+            if not fresh or offset >= min(total, MAX_ROWS):  # no new id: offset is ignored
                 return
-            if offset > MAX_OFFSET:
-                log.warning(
-                    "secmaster lists at most %d tasks per query: %d were not discovered",
-                    MAX_OFFSET + 1,
-                    total - offset,
-                )
-                return
+
+    async def _page(
+        self, query_type: str, window: tuple[datetime, datetime] | None, offset: int
+    ) -> tuple[list[JSON], int]:
+        query = [("limit", str(PAGE_SIZE)), ("offset", str(offset)), ("query_type", query_type)]
+        where = f"task list at offset {offset} ({query_type}"
+        if window is not None:
+            start, end = (_list_time(t) for t in window)
+            query += [("from_date", start), ("to_date", end)]
+            where += f", created {start} to {end}"
+        where += ")"
+
+        async def read() -> tuple[list[JSON], int]:
+            envelope = await self._call(
+                "GET", self._tasks_path, query=query, task_id=None, write=False
+            )
+            return self._page_items(envelope)
+
+        return await read_page(read, where + ": ", self._page_delay)
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _page(self, envelope: Mapping[str, JSON]) -> tuple[list[JSON], int]:
+    def _page_items(self, envelope: Mapping[str, JSON]) -> tuple[list[JSON], int]:
         items = envelope.get("data")
         total = envelope.get("total")
         if not isinstance(items, list):
@@ -428,6 +473,25 @@ class SecMasterClient:
             return token, IAM_FALLBACK_LIFETIME
         lifetime = (expires - datetime.now(UTC)).total_seconds()
         return token, max(IAM_MIN_LIFETIME, lifetime)
+
+
+def _halves(
+    window: tuple[datetime, datetime],
+) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]] | None:
+    """The window split in two (from_date and to_date are both inclusive, to the
+    millisecond); None when it is a second or less and cannot usefully be split."""
+    start, end = window
+    if end - start <= timedelta(seconds=1):
+        return None
+    middle = start + (end - start) / 2
+    middle = middle.replace(microsecond=middle.microsecond // 1000 * 1000)
+    return (start, middle), (middle + timedelta(milliseconds=1), end)
+
+
+def _list_time(moment: datetime) -> str:
+    """SecMaster's own time format (a literal Z and an offset), in UTC."""
+    text = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{moment.microsecond // 1000:03d}Z+0000"
 
 
 def _ids(items: list[JSON], key: str) -> list[str]:

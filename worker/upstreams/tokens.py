@@ -12,6 +12,7 @@ from worker.upstreams.base import UpstreamError, reword
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class Token:
     value: str
