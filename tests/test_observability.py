@@ -563,3 +563,32 @@ async def test_readyz_turns_503_while_the_daemon_drains(
             assert body.strip() == "shutdown: stopping: finishing in-flight work"
             assert (await get(url + "/livez"))[0] == 200  # draining is not dead
             assert await proc.wait(30) == 0, proc.output
+
+
+@SQLITE_ONLY
+async def test_throttling_is_counted_as_the_gateway_answered_it(
+    database: Database, store: Store, tmp_path: Path
+) -> None:
+    async with Sandbox(seed=7, tasks_per_system=TASKS_PER_SYSTEM, throttle="koodrive=4/1s") as sb:
+        await store.track("koodrive", sb.task_ids("koodrive"))
+        env = metrics_env(database, TASKSYNC_WORKER__SYNC_SCHEDULE="1h")
+        async with daemon(tmp_path, sb, env) as proc:
+            url = await base_url(proc)
+            with anyio.fail_after(60):
+                while await finished_cycles(store) < 1:
+                    await anyio.sleep(0.1)
+            samples = parse((await get(url + "/metrics"))[2])
+            refused = sb.gateway.refused["koodrive"]
+            assert refused > 0  # 12 tasks at 4 per second: the gateway said no at least once
+            assert total(samples, "tasksync_upstream_throttled_total", system="koodrive") == refused
+            assert (
+                total(samples, "tasksync_upstream_requests_total", system="koodrive", code="429")
+                == refused
+            )
+            assert total(samples, "tasksync_upstream_requests_total") == sb.requests.total
+            polls = total(samples, "tasksync_polls_total", system="koodrive")
+            assert polls == await scalar(
+                store, "SELECT count(*) FROM tasks WHERE last_polled_at IS NOT NULL"
+            )
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait(30) == 0, proc.output
