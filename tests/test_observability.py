@@ -508,6 +508,7 @@ def test_recorder_counts_and_exposes_both_formats() -> None:
         PollResult(task, now, now, content_hash="h", events=[event, event]),  # changed
         PollResult(task, now, now, error="HTTP 500"),
         PollResult(task, now, now, error="HTTP 404", not_found=True),
+        PollResult(task, now, now, deferred=True),  # nothing sent: not a poll
     ]
     recorder.polls_written(results)
     recorder.action_finished("secmaster", "comment", "unknown")

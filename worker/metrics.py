@@ -6,10 +6,11 @@ prometheus-client (about 20 ms of start-up) nor pay for a single counter increme
 hot-path function below is then one global lookup and a None check.
 
 Enabled, the hot path stays cheap: labelled children are bound once per label set and kept in
-plain dicts, so a request costs a dict lookup, a counter increment and a histogram observation
-(about 2 µs together, against aiohttp's ~100 µs per request). Poll results are counted per
-written batch, not per task. No label ever carries a task id or an action id: the label sets
-are bounded by systems × statuses × kinds.
+plain dicts, and upstream requests are counted in plain integers (the event loop is one
+thread) that become metric families at scrape time: about 0.5 µs per request, against
+aiohttp's ~100 µs. Poll results are counted per written batch (deferred ones, which sent
+nothing, are not polls). No label ever carries a task id or an action id: the label sets are
+bounded by systems × statuses × kinds.
 
 The database-derived gauges (`tasksync_tasks`, ...) are not updated by the loops: the
 listener reads them at scrape time (`DatabaseView`), with a short cache.
@@ -62,6 +63,8 @@ class _PollResult(Protocol):
     def not_found(self) -> bool: ...
     @property
     def changed(self) -> bool: ...
+    @property
+    def deferred(self) -> bool: ...
     @property
     def task(self) -> Any: ...
     @property
@@ -176,6 +179,8 @@ class Recorder:
         events: Tally[tuple[str, str]] = Tally()
         snapshots: Tally[str] = Tally()
         for r in results:
+            if r.deferred:  # nothing was sent (circuit open, gateway window spent): no poll
+                continue
             system = r.task.system
             if r.not_found:
                 polls[system, "not_found"] += 1
