@@ -62,6 +62,7 @@ def test_example_configuration_shows_every_key() -> None:
         "database": config.DatabaseSettings,
         "worker": config.WorkerSettings,
         "retry": config.RetrySettings,
+        "metrics": config.MetricsSettings,
         "aicc": config.AiccSettings,
         "secmaster": config.SecMasterSettings,
         "koodrive": config.KooDriveSettings,
@@ -83,6 +84,12 @@ def test_example_configuration_loads_as_shipped() -> None:
     loaded = load_config(str(EXAMPLE), environ={})
     assert loaded.settings.systems.aicc is None
     assert loaded.settings.worker.shutdown_timeout == 20.0
+    # the listener is on, on loopback, on the one port the daemon's unit lets it bind
+    listen = loaded.settings.metrics.listen
+    assert listen is not None and listen.startswith("127.0.0.1:")
+    unit = (SYSTEMD / "tasksync.service").read_text(encoding="utf-8")
+    assert f"SocketBindAllow=tcp:{listen.rpartition(':')[2]}\n" in unit
+    assert "SocketBindDeny=any\n" in unit
 
 
 def test_example_configuration_loads_with_every_system_uncommented(tmp_path: Path) -> None:

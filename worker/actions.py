@@ -32,6 +32,7 @@ from worker.backoff import action_delay
 from worker.catalog import InvalidInput, validate_action
 from worker.config import Settings
 from worker.logs import log_context
+from worker.metrics import observe_action, observe_actions
 from worker.model import JSON, System
 from worker.store import ClaimedAction, Finish, Store, utcnow
 from worker.upstreams.base import ErrorKind, Upstream, UpstreamError, effect_count
@@ -211,6 +212,7 @@ class ActionRunner:
                 senders.start_soon(send, r)
         _crash_point("after-answer")
         await self.store.finish_many(self.worker, finishes)
+        observe_actions(batch, finishes)
 
     def _prepare(self, action: ClaimedAction) -> _Ready | str:
         """Validate a claimed action; the reason it fails, or what sending it needs."""
@@ -352,6 +354,7 @@ class ActionRunner:
             attempt_id,
             repoll=(action.system, action.task_id),
         )
+        observe_action(action.system, action.kind, "succeeded")
         stats.succeeded += 1
         log.info(
             "action %s %s on %s task %s succeeded",
@@ -400,6 +403,7 @@ class ActionRunner:
                         attempts=attempts,
                     ),
                 )
+                observe_action(action.system, action.kind, "unknown")
             return None
         count = effect_count(action.kind, params, fetched.observation)
         baseline = action.baseline if action.kind in ADDITIVE else 0
@@ -420,6 +424,7 @@ class ActionRunner:
                 ),
                 repoll=(action.system, action.task_id),
             )
+            observe_action(action.system, action.kind, "succeeded")
             log.info(
                 "action %s: the answer was lost but the read-back shows it took effect", action.id
             )
@@ -456,6 +461,7 @@ class ActionRunner:
     ) -> None:
         finish = self._decide(action, exc, stats, max_attempts, attempts, attempt_id)
         await self.store.finish(action.id, self.worker, finish, attempt_id)
+        observe_action(action.system, action.kind, finish.outcome)
 
     def _decide(
         self,
@@ -524,6 +530,7 @@ class ActionRunner:
     async def _fail(self, action: ClaimedAction, reason: str, stats: ApplyStats) -> None:
         stats.failed += 1
         await self.store.finish(action.id, self.worker, Finish("failed", "failed", error=reason))
+        observe_action(action.system, action.kind, "failed")
         log.warning("action %s failed: %s", action.id, reason)
 
 

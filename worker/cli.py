@@ -149,6 +149,8 @@ def build_parser() -> Parser:
         metavar="ROLE",
         help="a reader that may also INSERT requests into actions (repeatable)",
     )
+    p = sub.add_parser("healthcheck", help="exit 0 when healthy, 1 when not; one line per check")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -203,9 +205,10 @@ def _describe_failure(exc: BaseException) -> tuple[str, int] | None:
 
     if isinstance(exc, DatabaseUrlError):
         return f"configuration error: {exc}", EX_CONFIG
+    from worker.observe import ListenError
     from worker.store.migrate import SchemaOutdated
 
-    if isinstance(exc, WorkerLockError | CommandFailed | SchemaOutdated):
+    if isinstance(exc, WorkerLockError | CommandFailed | SchemaOutdated | ListenError):
         return str(exc), EX_FAILURE
     from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -692,6 +695,20 @@ def cmd_grants(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from worker.health import healthy, run_checks
+    from worker.output import dumps
+
+    loaded = _config(args)  # no migration: a probe reports an old schema, it never changes it
+    checks = _run(lambda: _with_store(loaded, lambda store: run_checks(store, loaded.settings)))
+    ok = healthy(checks)
+    if args.json:
+        print(dumps({"healthy": ok, "checks": [c.as_dict() for c in checks]}))
+    else:
+        print("\n".join(c.line() for c in checks))
+    return 0 if ok else EX_FAILURE
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -715,6 +732,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sandbox": cmd_sandbox,
     "demo": cmd_demo,
     "grants": cmd_grants,
+    "healthcheck": cmd_healthcheck,
 }
 
 assert {kind for _, kind in ACTIONS} <= {

@@ -286,11 +286,41 @@ class SystemsSettings(_Section):
     koodrive: KooDriveSettings | None = None
 
 
+def split_listen(value: str) -> tuple[str, int]:
+    """("127.0.0.1", 9464) from "127.0.0.1:9464"; IPv6 in brackets: "[::1]:9464"."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f'{value!r} is not host:port, e.g. "127.0.0.1:9464"')
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"{value!r}: an IPv6 address goes in brackets, e.g. [::1]:9464")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:9464")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{value!r}: port {number} is out of range (0 to 65535)")
+    return host, number
+
+
+class MetricsSettings(_Section):
+    listen: str | None = None  # host:port of `run`'s /metrics, /livez, /readyz; None: off
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        split_listen(value.strip())
+        return value.strip()
+
+
 class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     worker: WorkerSettings = WorkerSettings()
     retry: RetrySettings = RetrySettings()
     systems: SystemsSettings = SystemsSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 # Keys that hold secrets, per system: these may come from $CREDENTIALS_DIRECTORY/<system>_<key>.

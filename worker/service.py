@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -37,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from worker.actions import ActionRunner
 from worker.config import LoadedConfig, Schedule, Settings
 from worker.logs import log_context
+from worker.metrics import observe_database
 from worker.model import System
 from worker.notify import Liveness, Notifier, ping_if_healthy, watchdog_interval
 from worker.runner import register_secrets, worker_lock
@@ -60,7 +62,8 @@ def run_daemon(loaded: LoadedConfig) -> int:
     register_secrets(loaded)
     url = loaded.settings.database.url
     with worker_lock(url):  # SQLite: a second worker is refused (WorkerLockError, exit 1)
-        daemon = Daemon(loaded.settings, GatedStore(create_engine(url)))
+        http = _bind_metrics(loaded.settings)  # before anything starts: an address in use
+        daemon = Daemon(loaded.settings, GatedStore(create_engine(url)), http=http)
         try:
             anyio.run(daemon.serve, backend="asyncio")
         except Exception as exc:
@@ -201,8 +204,11 @@ WorkFn = Callable[[Pulse], Awaitable[None]]
 
 
 class Daemon:
-    def __init__(self, settings: Settings, store: GatedStore) -> None:
+    def __init__(
+        self, settings: Settings, store: GatedStore, *, http: socket.socket | None = None
+    ) -> None:
         self.settings = settings
+        self.http = http  # the bound [metrics] listener socket, served by worker/observe.py
         self.worker = worker_name()
         self.store = store
         self.upstreams: dict[System, Upstream] = build_upstreams(settings)
@@ -246,6 +252,8 @@ class Daemon:
         self.store.on_progress = lambda: self._pulse("actions").beat()
         try:
             async with anyio.create_task_group() as tg:
+                if self.http is not None:
+                    await tg.start(self._http_loop)
                 await tg.start(self._signal_loop)
                 await tg.start(self._scheduler_loop)
                 await tg.start(self._work_loop, "sync", self.sync_wake, self._sync_once)
@@ -342,6 +350,22 @@ class Daemon:
                 os._exit(1)  # leases expire; an unknown outcome is verified by the next claimer
 
     # --- the loops ------------------------------------------------------------------------
+
+    async def _http_loop(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        from worker import metrics, observe
+
+        assert self.http is not None
+        probe = observe.Probe(
+            self.store,
+            self.liveness,
+            self.max_silence,
+            list(self.upstreams),
+            lambda: self.stop.is_set(),
+        )
+        endpoint = observe.Endpoint(probe, metrics.enable(list(self.upstreams)))
+        await observe.serve(self.http, endpoint, task_status=task_status)
 
     def _pulse(self, name: str) -> Pulse:
         if name not in self.pulses:
@@ -575,7 +599,9 @@ class Daemon:
                 log.info("%s: the database is back", pulse.name)
                 self.health.db_down_since = None
             pulse.failures, pulse.interrupted = 0, False
+            observe_database(True)
             return True
+        observe_database(False)
         delay = min(DB_BACKOFF[1], DB_BACKOFF[0] * 2.0 ** min(pulse.failures, 10))
         pulse.failures += 1
         pulse.interrupted = True
@@ -591,9 +617,10 @@ class Daemon:
         return False
 
     async def _maybe_wedge(self, name: str) -> None:
-        """Test-only: TASKSYNC_TEST_WEDGE=LOOP[:SECONDS] makes that loop block for ever without
-        beating, SECONDS after start-up, so tests can see the watchdog pings stop. Read only
-        here; never set it in production."""
+        """Test-only: TASKSYNC_TEST_WEDGE=LOOP[:SECONDS[:LENGTH]] makes that loop block without
+        beating, SECONDS after start-up, for ever (or LENGTH seconds, once), so tests can see
+        the watchdog pings stop (and /livez recover). Read only here; never set it in
+        production."""
         if self.wedge is None or self.wedge[0] != name:
             return
         if time.monotonic() - self._born < self.wedge[1]:
@@ -601,7 +628,11 @@ class Daemon:
         log.warning(
             "%s=%s: wedging the %s loop (test hook)", WEDGE_ENV, os.environ[WEDGE_ENV], name
         )
-        await anyio.sleep_forever()
+        length = os.environ[WEDGE_ENV].split(":")[2:3]
+        if not length:
+            await anyio.sleep_forever()
+        self.wedge = None
+        await anyio.sleep(float(length[0]))
 
 
 async def _fire(wake: Wake) -> None:
@@ -618,12 +649,21 @@ def _trigger(schedule: Schedule) -> Any:
     return IntervalTrigger(seconds=schedule.interval, timezone="UTC")
 
 
+def _bind_metrics(settings: Settings) -> socket.socket | None:
+    if settings.metrics.listen is None:
+        return None
+    from worker import metrics, observe
+
+    metrics.enable()  # recorded from the first request on, not from the first scrape
+    return observe.bind(settings.metrics.listen)
+
+
 def _wedge_target() -> tuple[str, float] | None:
     value = os.environ.get(WEDGE_ENV, "").strip()
     if not value:
         return None
     name, _, after = value.partition(":")
     try:
-        return name, float(after or 0)
+        return name, float(after.partition(":")[0] or 0)
     except ValueError:
         return name, 0.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from anyio.abc import TaskGroup
 from worker.backoff import poll_delay
 from worker.config import Settings
 from worker.diff import diff
+from worker.metrics import observe_cycle, observe_polls
 from worker.model import Fetched, System
 from worker.store import ClaimedTask, HealthRow, PollResult, Store, WalkRow, utcnow
 from worker.upstreams.base import ErrorKind, Health, Upstream, UpstreamError, Walk
@@ -150,6 +152,7 @@ class SyncCycle:
         """Poll every due task (or every tracked one) of the chosen systems once."""
         wanted: list[System] = [s for s in self.upstreams if not systems or s in systems]
         stats = CycleStats()
+        started = time.monotonic()
         stats.run_id = await self.store.start_run(self.worker, "sync")
         due_before = None if all_tasks else utcnow()
         before = {s: self.upstreams[s].health() for s in wanted}
@@ -171,6 +174,7 @@ class SyncCycle:
                 )
                 await self._record_health(before)
             stats.log_summary()
+            observe_cycle("sync", started)
         return stats
 
     async def _run_system(
@@ -286,6 +290,7 @@ class SyncCycle:
             results = await self._results(batch.tasks, batch.fetched, stats)
             await self.store.write_results(self.worker, results)
             stats.add(results)
+            observe_polls(results)
         finally:
             batch_slots.release()
 
@@ -397,6 +402,7 @@ async def discover(
     client (paging.read_page); what ends a walk early is logged in one line naming the system,
     the page and the cause, and what it found before that is kept."""
     stats = DiscoverStats()
+    started = time.monotonic()
     run_id = await store.start_run(worker, "discover")
     walks: list[WalkRow] = []
     try:
@@ -410,6 +416,7 @@ async def discover(
                 run_id, polled=stats.seen, changed=0, failed=len(stats.failed), discovered=stats.new
             )
             await store.record_walks(run_id, worker, walks)
+        observe_cycle("discover", started)
     return stats
 
 

@@ -49,6 +49,7 @@ import anyio
 import orjson
 from yarl import URL
 
+from worker.metrics import observe_request
 from worker.model import JSON, System
 from worker.redact import Redactor
 from worker.text import one_line
@@ -386,6 +387,7 @@ class HttpClient:
         if attempt is not None:
             extra = {"trace_request_ctx": attempt, "middlewares": (attempt.guard,)}
         started = time.perf_counter()
+        code: int | str | None = "error"  # metrics: a transport failure unless a status came
         try:
             async with session.request(
                 method,
@@ -395,6 +397,7 @@ class HttpClient:
                 allow_redirects=False,
                 **extra,
             ) as response:
+                code = response.status
                 if 300 <= response.status < 400:
                     raise self._redirect(response, task_id)
                 try:
@@ -412,9 +415,13 @@ class HttpClient:
             self._log(method, url, f"failed ({error.kind})", started)
             raise error from None
         except ValueError as exc:  # e.g. a header value with a newline: nothing was sent
+            code = None
             raise self.error(
                 ErrorKind.PERMANENT, f"request could not be built: {exc}", task_id=task_id
             ) from None
+        finally:
+            if code is not None:
+                observe_request(self.system, code, time.perf_counter() - started)
         self._log(method, url, status, started)
         return self._answer(status, answer_headers, raw, problem, content_type, task_id, write)
 
