@@ -12,7 +12,8 @@ import anyio
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Database, run_cli
+from tests.support.cli import run_cli
+from tests.support.db import Database
 from worker.config import Schedule
 from worker.health import schedule_interval
 from worker.sandbox import Sandbox

@@ -23,7 +23,8 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import IN_CI, PG_URL, ROOT, Database, run_cli
+from tests.support.cli import run_cli
+from tests.support.db import IN_CI, PG_URL, Database
 from tests.test_service import (
     SQLITE_ONLY,
     DaemonProcess,
@@ -39,6 +40,8 @@ from worker.config import ConfigError, load_config
 from worker.sandbox import Sandbox
 from worker.store import Store
 from worker.store.migrate import HEAD_REVISION
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.anyio
 
