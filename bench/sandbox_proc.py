@@ -13,9 +13,11 @@ Then it reads one JSON command per line on stdin and answers one JSON line on st
   per route, refused credentials, and the clients' writes since the last reset (total and how
   many landed more than once, judged by (system, task, kind, params)).
 - `{"cmd": "reset"}`: zero the counters above.
+- `{"cmd": "throttle", "spec": "aicc=40/1s,..."}`: the gateway's limits from now on ("" for none);
+  `stats` then also has the gateway's admitted and refused (429) requests per system.
 - `{"cmd": "quit"}` (or end of stdin): stop.
 
-The sandbox runs without faults. Kept in bench/: the product's sandbox needs no control API.
+The sandbox runs without faults (and without throttling until told). Kept in bench/: the product's sandbox needs no control API.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def stats(sb: Sandbox, effects_from: int) -> dict[str, Any]:
         "writes": len(writes),
         "distinct_writes": len(by_request),
         "writes_applied_twice": sum(1 for n in by_request.values() if n > 1),
+        "gateway_admitted": dict(sb.gateway.admitted),
+        "gateway_refused": dict(sb.gateway.refused),
     }
 
 
@@ -118,7 +122,12 @@ async def main() -> None:
                 reply({"changed": changed})
             elif name == "stats":
                 reply(stats(sb, effects_from))
+            elif name == "throttle":
+                sb.set_throttle(str(command.get("spec") or ""))
+                reply({"ok": True})
             elif name == "reset":
+                sb.gateway.admitted.clear()
+                sb.gateway.refused.clear()
                 sb.requests.detail.clear()
                 sb.requests.routes.clear()
                 sb.requests.auth_failures.clear()
