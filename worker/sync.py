@@ -124,7 +124,7 @@ class SyncCycle:
         stop: anyio.Event | None = None,
     ) -> CycleStats:
         """Poll every due task (or every tracked one) of the chosen systems once."""
-        wanted = [s for s in (systems or self.upstreams) if s in self.upstreams]
+        wanted = [s for s in self.upstreams if not systems or s in systems]
         stats = CycleStats()
         stats.run_id = await self.store.start_run(self.worker, "sync")
         cfg = self.settings.worker
@@ -219,7 +219,7 @@ class SyncCycle:
             batch_slots.release()
 
     async def _fetch(self, task: ClaimedTask) -> Fetched | UpstreamError:
-        upstream = self.upstreams[task.system]  # type: ignore[index]
+        upstream = self.upstreams[task.system]
         try:
             return await upstream.fetch(task.task_id)
         except UpstreamError as exc:
@@ -229,7 +229,7 @@ class SyncCycle:
             return UpstreamError(
                 ErrorKind.RETRY,
                 f"internal error: {type(exc).__name__}: {exc}",
-                system=task.system,  # type: ignore[arg-type]
+                system=task.system,
                 task_id=task.task_id,
             )
 
@@ -240,7 +240,7 @@ class SyncCycle:
         changed = [
             t
             for t in batch
-            if isinstance(fetched[t.id], Fetched) and fetched[t.id].content_hash != t.content_hash  # type: ignore[union-attr]
+            if isinstance(f := fetched[t.id], Fetched) and f.content_hash != t.content_hash
         ]
         previous = await self.store.latest_payloads(changed) if changed else {}
         return [self._result(t, fetched[t.id], previous.get(t.id), now) for t in batch]
@@ -272,7 +272,7 @@ class SyncCycle:
         result = PollResult(task, now, now + timedelta(seconds=interval))
         if answer.content_hash == task.content_hash:
             return result
-        upstream = self.upstreams[task.system]  # type: ignore[index]
+        upstream = self.upstreams[task.system]
         before = None
         if isinstance(previous_payload, Mapping):
             before = upstream.observe(previous_payload)

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from worker.store.actions import ActionBatchStore, ActionStore, ClaimedAction, Finish
+from worker.store.actions import ActionStore, ClaimedAction, Finish
 from worker.store.base import utcnow, worker_name
 from worker.store.engine import (
     DatabaseUrlError,
@@ -19,7 +19,7 @@ from worker.store.reports import ReportStore
 from worker.store.tasks import ClaimedTask, PollResult, TaskStore
 
 
-class Store(TaskStore, ActionStore, ActionBatchStore, ReportStore):
+class Store(TaskStore, ActionStore, ReportStore):
     """Everything the commands and loops need from the database."""
 
     @classmethod
