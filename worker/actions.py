@@ -30,7 +30,7 @@ import anyio
 import orjson
 
 from worker.backoff import action_delay
-from worker.catalog import ActionSpec, Adds, InvalidInput, validate_action
+from worker.catalog import ActionSpec, Adds, InvalidInput, configured_defaults, validate_action
 from worker.config import Settings
 from worker.hooks import Hooks
 from worker.logs import log_context
@@ -157,12 +157,10 @@ class ActionRunner:
         async with anyio.create_task_group() as reads:
             reads.start_soon(self._read_back, doubtful, baselines, finishes, stats)
             reads.start_soon(self._baselines, fresh, baselines, finishes, stats)
-        sendable = [r for r in ready if r.action.id in baselines]
         attempt_ids = await self.store.start_attempts(self.worker, baselines)
         self.hooks.crash_point("after-attempt")
-        for r in sendable:
-            if r.action.id in baselines and r.action.id not in attempt_ids:
-                log.warning("lost the lease on action %s before sending", r.action.id)
+        for action_id in baselines.keys() - attempt_ids.keys():
+            log.warning("lost the lease on action %s before sending", action_id)
 
         async def send(r: _Ready, attempt_id: int) -> None:
             action = r.action
@@ -187,7 +185,7 @@ class ActionRunner:
             )
 
         async with anyio.create_task_group() as senders:
-            for r in sendable:
+            for r in ready:
                 if r.action.id in attempt_ids:
                     senders.start_soon(send, r, attempt_ids[r.action.id])
         self.hooks.crash_point("after-answer")
@@ -204,6 +202,8 @@ class ActionRunner:
         upstream = self.upstreams.get(spec.system)
         if upstream is None:
             return f"{spec.system} is not configured (no [systems.{spec.system}] section)"
+        # a row inserted with SQL skipped enqueue, which fills these in
+        params = configured_defaults(spec, getattr(self.settings.systems, spec.system)) | params
         max_attempts = action.max_attempts or self.settings.retry.max_attempts
         return _Ready(action, spec, params, upstream, max_attempts)
 
@@ -351,47 +351,35 @@ class ActionRunner:
         action = r.action
         # without an attempt row (a failed read before sending) the count is stored here
         counted = attempts if attempt_id is None else None
-        if exc.kind in (ErrorKind.PERMANENT, ErrorKind.NOT_FOUND):
-            stats.failed += 1
-            log.warning("action %s failed: %s", action.id, exc)
-            return Finish(
-                action.id,
-                AttemptOutcome.FAILED,
-                ActionStatus.FAILED,
-                attempt_id,
-                error=str(exc),
-                http_status=exc.http_status,
-                attempts=counted,
-            )
         unknown = exc.kind is ErrorKind.UNKNOWN
         outcome = AttemptOutcome.UNKNOWN if unknown else AttemptOutcome.RETRY
-        if unknown:
-            stats.unknown += 1
-        elif attempts >= r.max_attempts:
+        next_attempt_at = None
+        if exc.kind in (ErrorKind.PERMANENT, ErrorKind.NOT_FOUND):
+            outcome, status, error = AttemptOutcome.FAILED, ActionStatus.FAILED, str(exc)
+            stats.failed += 1
+            log.warning("action %s failed: %s", action.id, exc)
+        elif not unknown and attempts >= r.max_attempts:
+            status, error = ActionStatus.FAILED, f"gave up after {attempts} attempts: {exc}"
             stats.failed += 1
             log.warning("action %s failed after %s attempts: %s", action.id, attempts, exc)
-            return Finish(
-                action.id,
-                outcome,
-                ActionStatus.FAILED,
-                attempt_id,
-                error=f"gave up after {attempts} attempts: {exc}",
-                http_status=exc.http_status,
-                attempts=counted,
-            )
-        # An unknown outcome is always followed by a read-back (even past max_attempts): the
-        # action may have taken effect, and failing it blindly would misreport it.
-        delay = self._delay(attempts, exc)
-        stats.retried += 1
-        log.info("action %s: %s; next attempt in %.1fs", action.id, exc, delay)
+        else:
+            # An unknown outcome is always followed by a read-back (even past max_attempts):
+            # the action may have taken effect, and failing it blindly would misreport it.
+            status, error = ActionStatus.PENDING, str(exc)
+            delay = self._delay(attempts, exc)
+            next_attempt_at = utcnow() + timedelta(seconds=delay)
+            stats.retried += 1
+            if unknown:
+                stats.unknown += 1
+            log.info("action %s: %s; next attempt in %.1fs", action.id, exc, delay)
         return Finish(
             action.id,
             outcome,
-            ActionStatus.PENDING,
+            status,
             attempt_id,
-            error=str(exc),
+            error=error,
             http_status=exc.http_status,
-            next_attempt_at=utcnow() + timedelta(seconds=delay),
+            next_attempt_at=next_attempt_at,
             attempts=counted,
         )
 

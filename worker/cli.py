@@ -351,7 +351,7 @@ def cmd_actions(args: argparse.Namespace) -> int:
                     r["kind"],
                     r["status"],
                     r["attempts"],
-                    r["next_attempt_at"] if r["status"] == "pending" else None,
+                    r["next_attempt_at"] if r["status"] == ActionStatus.PENDING else None,
                     r["last_error"],
                     r["params"],
                 )
@@ -410,8 +410,7 @@ def _format_status(report: dict[str, Any]) -> str:
     else:
         out += ["Tracked tasks: none (tasksync track SYSTEM TASK_ID, or tasksync discover)", ""]
     queue = report["actions"]
-    statuses = ("pending", "running", "succeeded", "failed", "canceled")
-    out += ["Action queue: " + ", ".join(f"{queue.get(s, 0)} {s}" for s in statuses), ""]
+    out += ["Action queue: " + ", ".join(f"{queue.get(s, 0)} {s}" for s in ActionStatus), ""]
     if report["runs"]:
         rows = [
             (

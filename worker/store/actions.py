@@ -137,20 +137,9 @@ class ActionStore(StoreBase):
         """Cancel a pending action. Returns (status afterwards or None if no such action,
         whether this call canceled it)."""
         now = now or utcnow()
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                actions.update()
-                .where(actions.c.id == action_id, actions.c.status == ActionStatus.PENDING)
-                .values(
-                    status=ActionStatus.CANCELED,
-                    finished_at=now,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_until=None,
-                )
-            )
-            status = await conn.scalar(sa.select(actions.c.status).where(actions.c.id == action_id))
-        return (None if status is None else str(status)), result.rowcount > 0
+        return await self._move(
+            action_id, ActionStatus.PENDING, status=ActionStatus.CANCELED, finished_at=now, now=now
+        )
 
     async def retry(self, action_id: int, now: datetime | None = None) -> tuple[str | None, bool]:
         """Put a failed action back in the queue with a fresh attempt budget.
@@ -158,19 +147,26 @@ class ActionStore(StoreBase):
         The baseline is kept: if the last attempt's outcome was unknown, the runner still
         reads the task back before sending anything again. Returns (status, changed)."""
         now = now or utcnow()
+        return await self._move(
+            action_id,
+            ActionStatus.FAILED,
+            status=ActionStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            finished_at=None,
+            now=now,
+        )
+
+    async def _move(
+        self, action_id: int, only_from: ActionStatus, *, now: datetime, **values: Any
+    ) -> tuple[str | None, bool]:
+        """A user's transition of one action, done only from `only_from`; releases any lease.
+        Returns (status afterwards or None if no such action, whether this call moved it)."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 actions.update()
-                .where(actions.c.id == action_id, actions.c.status == ActionStatus.FAILED)
-                .values(
-                    status=ActionStatus.PENDING,
-                    attempts=0,
-                    next_attempt_at=now,
-                    finished_at=None,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_until=None,
-                )
+                .where(actions.c.id == action_id, actions.c.status == only_from)
+                .values(updated_at=now, lease_owner=None, lease_until=None, **values)
             )
             status = await conn.scalar(sa.select(actions.c.status).where(actions.c.id == action_id))
         return (None if status is None else str(status)), result.rowcount > 0
