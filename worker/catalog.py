@@ -2,8 +2,8 @@
 
 An entry says which params a kind takes (and their limits and defaults), how its effect shows
 when the task is read back, and which operation it is upstream. The command line builds its
-`enqueue` options from it, the action runner validates and reads back with it, the upstream
-clients map kinds with it: none of them names a kind.
+`enqueue` options from it, the action runner validates and reads back with it, the SecMaster
+client maps kinds to its `UpdateTask` actions with it: none of them names a kind.
 
 Rows inserted with plain SQL skip the command line, so the runner re-validates every action it
 claims with the same function and fails the row with the message this module produces.
