@@ -10,7 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.backoff import action_delay, poll_delay
-from worker.catalog import InvalidInput, validate_action
+from worker.catalog import (
+    Adds,
+    InvalidInput,
+    action_spec,
+    all_params,
+    configured_defaults,
+    option_name,
+    validate_action,
+    validate_params,
+)
+from worker.config import AiccSettings
 from worker.diff import diff
 from worker.model import Comment, EventKind, Observation, State, TraceEntry
 
@@ -145,3 +155,99 @@ def test_action_validation(system: str, kind: str, params: object, error: str | 
         return
     with pytest.raises(InvalidInput, match=error):
         validate_action(system, kind, params)
+
+
+def trace_obs(*entries: tuple[str, str]) -> Observation:
+    return Observation(
+        status="open",
+        state=State.OPEN,
+        title="t",
+        trace=tuple(
+            TraceEntry(i, f"d{i}", {"title": t, "description": d})
+            for i, (t, d) in enumerate(entries)
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("system", "kind", "params", "observation", "count"),
+    [
+        ("aicc", "process", {"title": "a", "description": "b"}, trace_obs(), 0),
+        (
+            "aicc",
+            "process",
+            {"title": "a", "description": "b"},
+            trace_obs(("a", "b"), ("a", "other"), ("a", "b")),
+            2,
+        ),
+        ("secmaster", "comment", {"comment": "hi"}, obs(comments={"1": "hi", "2": "ho"}), 1),
+        ("secmaster", "comment", {"comment": "hi"}, obs(comments={"1": "hi", "2": "hi"}), 2),
+        ("secmaster", "delete-comment", {"comment_id": "1"}, obs(comments={"1": "hi"}), 0),
+        ("secmaster", "delete-comment", {"comment_id": "9"}, obs(comments={"1": "hi"}), 1),
+        ("secmaster", "add-attachment", {"attachment_id": "a"}, obs(attachments={"a"}), 1),
+        ("secmaster", "add-attachment", {"attachment_id": "a"}, obs(), 0),
+        ("secmaster", "delete-attachment", {"attachment_id": "a"}, obs(attachments={"a"}), 0),
+        ("secmaster", "delete-attachment", {"attachment_id": "a"}, obs(), 1),
+        ("secmaster", "terminate", {}, obs(status="canceled"), 1),
+        ("secmaster", "terminate", {}, obs(status="waiting"), 0),
+        ("secmaster", "continue", {}, obs(status="finished"), 1),
+        ("secmaster", "continue", {}, obs(status="canceled"), 0),
+    ],
+)
+def test_effect_counted_from_the_catalogue(
+    system: str, kind: str, params: dict[str, str], observation: Observation, count: int
+) -> None:
+    """What a read-back counts, per kind: the table in README "How actions are applied"."""
+    spec = action_spec(system, kind)
+    assert spec.effect.count(params, observation) == count
+    assert isinstance(spec.effect, Adds) == (kind in ("process", "comment"))
+
+
+def test_additive_effects_know_their_own_earlier_actions() -> None:
+    comment = action_spec("secmaster", "comment").effect
+    process = action_spec("aicc", "process").effect
+    assert isinstance(comment, Adds) and isinstance(process, Adds)
+    assert comment.same('{"comment": "x"}', {"comment": "x"})  # a JSON column read as text
+    assert comment.same({"comment": "x"}, {"comment": "x"})
+    assert not comment.same({"comment": "y"}, {"comment": "x"})
+    assert not comment.same("not json", {"comment": "x"}) and not comment.same(3, {"comment": "x"})
+    mine = {"title": "a", "description": "b"}
+    assert process.same({"title": "a", "description": "b", "type": "Other"}, mine)
+    assert not process.same({"title": "a", "description": "c"}, mine)
+
+
+def test_the_catalogue_drives_the_command_line_and_the_upstream() -> None:
+    """The enqueue options and SecMaster's UpdateTask mapping are read from the catalogue;
+    they must stay what the contract and the API say."""
+    from worker.cli import build_parser
+    from worker.upstreams.secmaster import ACTIONS as SECMASTER_ACTIONS
+
+    assert [option_name(p) for p in all_params()] == [
+        "--title",
+        "--description",
+        "--type",
+        "--attachment",
+        "--creator-id",
+        "--comment",
+        "--comment-id",
+        "--attachment-id",
+    ]
+    enqueue = build_parser().parse_args(
+        ["enqueue", "secmaster", "t", "comment", "--comment-id", "9"]
+    )
+    assert enqueue.comment_id == "9" and enqueue.title is None
+    assert SECMASTER_ACTIONS == {
+        "comment": ("ADD_COMMENT", "comment"),
+        "delete-comment": ("DELETE_COMMENT", "comment_id"),
+        "terminate": ("TERMINATE", None),
+        "continue": ("CONTINUE", None),
+        "add-attachment": ("ADD_ATTACHMENT", "attachment_id"),
+        "delete-attachment": ("DELETE_ATTACHMENT", "attachment_id"),
+    }
+    spec = action_spec("aicc", "process")
+    assert configured_defaults(spec, None) == {}
+    assert configured_defaults(spec, AiccSettings.model_construct(creator_id="u1")) == {
+        "creator_id": "u1"
+    }
+    with pytest.raises(InvalidInput, match=r"does not take --title \(it takes: --comment\)"):
+        validate_params(action_spec("secmaster", "comment"), {"title": "x"}, option_name)

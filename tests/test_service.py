@@ -24,9 +24,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from tests.support.cli import clean_env, run_cli, spawn_cli
 from tests.support.db import PG_URL, Database
+from tests.support.sandbox import clients, settings_for
+from worker.actions import ActionRunner, ApplyStats
 from worker.config import Schedule, Settings
+from worker.hooks import Hooks
 from worker.sandbox import Sandbox
-from worker.service import Daemon, GatedStore, Health, Pulse, _trigger, _wedge_target
+from worker.service import Daemon, GatedStore, Health, Pulse, _trigger
 from worker.store import Store, create_engine
 from worker.store.listen import describe_outage, is_outage, listen_dsn
 
@@ -497,13 +500,42 @@ def test_listen_dsn_is_plain_postgres() -> None:
     assert dsn == "postgresql://u:p%40ss@db.example:5433/tasksync"
 
 
-def test_triggers_and_wedge_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triggers_and_test_hooks() -> None:
     assert "cron" in type(_trigger(Schedule(cron="*/5 * * * *"))).__name__.lower()
     assert _trigger(Schedule(interval=30)).interval.total_seconds() == 30
-    monkeypatch.delenv("TASKSYNC_TEST_WEDGE", raising=False)
-    assert _wedge_target() is None
-    monkeypatch.setenv("TASKSYNC_TEST_WEDGE", "actions:2.5")
-    assert _wedge_target() == ("actions", 2.5)
+    assert Hooks.from_environ({}).wedge is None
+    assert Hooks.from_environ({"TASKSYNC_TEST_WEDGE": "actions:2.5"}).wedge == ("actions", 2.5)
+    assert Hooks.from_environ({"TASKSYNC_TEST_WEDGE": "sync"}).wedge == ("sync", 0.0)
+    assert Hooks.from_environ({"TASKSYNC_TEST_CRASH_AT": "after-answer"}).crash_at == "after-answer"
+
+
+async def test_a_slow_batch_beats_when_it_records(database: Database, store: Store) -> None:
+    """A batch of slow actions shows progress when its attempts are recorded and again when
+    its outcomes are, not only when it is claimed: the watchdog must not take a long batch for
+    a wedged loop (recording outcomes used to beat only on a path batching had left)."""
+    async with Sandbox(seed=4, tasks_per_system=3, faults="slow=1.0,slow-seconds=0.5") as sb:
+        settings = settings_for(sb, database.url)
+        for n, task_id in enumerate(sb.task_ids("secmaster")):
+            await insert_comment(store, task_id, f"slow {n}")
+        gated = GatedStore(create_engine(database.url))
+        beats: list[float] = []
+        gated.on_progress = lambda: beats.append(time.monotonic())
+        try:
+            async with clients(settings) as upstreams:
+                runner = ActionRunner(gated, upstreams, settings, "w1")
+                claimed = await gated.claim_actions("w1", limit=10, lease=60)
+                assert len(claimed) == 3 and len(beats) == 1
+                stats = ApplyStats()
+                with anyio.fail_after(20):
+                    await runner.process_batch(claimed, stats)
+                answered = time.monotonic()
+        finally:
+            await gated.aclose()
+        assert stats.succeeded == 3, stats
+        # the claim, the attempts (before the slow sends), the outcomes (after them)
+        assert len(beats) == 3, beats
+        assert answered - beats[1] >= 0.5 and answered - beats[2] < 0.5
+        assert await scalar(store, "SELECT count(*) FROM actions WHERE status = 'succeeded'") == 3
 
 
 def test_status_line() -> None:

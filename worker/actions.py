@@ -1,24 +1,26 @@
-"""One pass over due actions: claim, validate, verify, apply, classify, record.
+"""One pass over due actions: claim, validate, read back, apply, classify, record.
 
 Exactly-once rests on three rules:
 1. An attempt row is committed *before* the request goes out, so a crash at any point leaves
    evidence: an attempt without an outcome.
 2. Before the first attempt the action's *baseline* is recorded: how often its effect is already
-   visible on the task (a comment with the same text, a trace entry with the same title and
-   description); for state-like kinds (terminate, delete-*) the effect is a state, baseline 0.
+   visible on the task (its catalogue entry says how the effect shows; for a state, such as a
+   terminated task or a deleted comment, the baseline is 0).
 3. After an unknown outcome (the answer was lost, or the worker died mid-call) nothing is sent
-   again until the task has been read back: the effect count above the baseline, or the state
-   holding, means the action took effect.
+   again until the task has been read back: the effect count above the baseline means the
+   action took effect.
 Writes go over connections that are never reused (upstreams/http.py), so the HTTP layer never
 re-sends on its own either.
+
+There is one pipeline, over a claimed batch, one transaction per step for the whole set (one
+statement per action would cost more than its request): validate; read back those whose last
+outcome is unknown; baselines; record every attempt; send; record every outcome.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -26,30 +28,20 @@ from typing import Any
 
 import anyio
 import orjson
-from anyio.abc import TaskGroup
 
 from worker.backoff import action_delay
-from worker.catalog import InvalidInput, validate_action
+from worker.catalog import ActionSpec, Adds, InvalidInput, configured_defaults, validate_action
 from worker.config import Settings
+from worker.hooks import Hooks
 from worker.logs import log_context
-from worker.metrics import observe_action, observe_actions
-from worker.model import JSON, System
+from worker.metrics import observe_actions
+from worker.model import JSON, ActionStatus, AttemptOutcome, System
 from worker.store import ClaimedAction, Finish, Store, utcnow
-from worker.upstreams.base import ErrorKind, Upstream, UpstreamError, effect_count
+from worker.upstreams.base import ErrorKind, Upstream, UpstreamError
 
 log = logging.getLogger("worker.actions")
 
-# Test-only: the crash tests SIGKILL this process at a named point of an attempt
-# ("after-attempt": recorded but not sent; "after-answer": applied upstream, not yet recorded).
-_CRASH_AT = os.environ.get("TASKSYNC_TEST_CRASH_AT")
-
-
-def _crash_point(name: str) -> None:
-    if name == _CRASH_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-ADDITIVE = frozenset({"process", "comment"})  # effect = one more matching item
+DANGLING = "the worker stopped before recording the outcome"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +49,7 @@ class _Ready:
     """A validated action and what sending it needs."""
 
     action: ClaimedAction
+    spec: ActionSpec
     params: dict[str, str]
     upstream: Upstream
     max_attempts: int
@@ -86,19 +79,19 @@ class ActionRunner:
     settings: Settings
     worker: str
     rng: random.Random = field(default_factory=random.Random)
+    hooks: Hooks = field(default_factory=Hooks)
     in_flight: set[int] = field(default_factory=set)
     _completions: int = 0
     _wake: anyio.Event = field(default_factory=anyio.Event)
 
-    async def run_until_idle(self, stop: anyio.Event | None = None) -> ApplyStats:
-        """Apply due actions until none is due (or `stop` is set, after which nothing new is
-        claimed and the actions in flight are finished). Actions on different tasks run
-        concurrently; the claim hands out at most one open action per task at a time."""
+    async def run_until_idle(self) -> ApplyStats:
+        """Apply due actions until none is due. Batches on different tasks run concurrently;
+        the claim hands out at most one open action per task at a time."""
         stats = ApplyStats()
         slots = self.settings.worker.concurrency
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._renew_leases)
-            while not (stop and stop.is_set()):
+            while True:
                 seen = self._completions
                 free = slots - len(self.in_flight)
                 claimed = []
@@ -113,105 +106,91 @@ class ActionRunner:
                 if claimed:
                     self.in_flight.update(a.id for a in claimed)
                     stats.claimed += len(claimed)
-                    tg.start_soon(self._guarded_batch, claimed, stats, tg)
+                    tg.start_soon(self._guarded_batch, claimed, stats)
                 if claimed and len(self.in_flight) < slots:
                     continue  # there may be more due right now
                 if seen != self._completions:
                     continue  # one finished meanwhile: it may have unblocked its task's next
                 if not self.in_flight:
                     break
-                # wait until an action finishes: it may unblock the next one on its task
-                self._wake = anyio.Event()
-                with anyio.move_on_after(1.0):
-                    await self._wake.wait()
-            while self.in_flight:
+                # wait until a batch finishes: it may unblock the next action on its task
                 self._wake = anyio.Event()
                 with anyio.move_on_after(1.0):
                     await self._wake.wait()
             tg.cancel_scope.cancel()
         return stats
 
-    async def _guarded(self, action: ClaimedAction, stats: ApplyStats) -> None:
+    async def _guarded_batch(self, batch: list[ClaimedAction], stats: ApplyStats) -> None:
         try:
-            with log_context(system=action.system, task=action.task_id, action=str(action.id)):
-                await self.process(action, stats)
+            await self.process_batch(batch, stats)
         except Exception:
-            # A database failure mid-action: the lease expires and the next claimer, seeing an
-            # attempt without outcome, verifies before sending. Nothing is lost.
-            log.exception(
-                "action %s interrupted; it will be taken over when its lease expires", action.id
-            )
-        finally:
-            self.in_flight.discard(action.id)
-            self._completions += 1
-            self._wake.set()
-
-    async def _guarded_batch(
-        self, batch: list[ClaimedAction], stats: ApplyStats, tg: TaskGroup
-    ) -> None:
-        handed_off: set[int] = set()
-        try:
-            await self.process_batch(batch, stats, tg, handed_off)
-        except Exception:
-            # as in _guarded: leases expire, attempts without outcome are verified first
+            # A database failure mid-batch: the leases expire and the next claimer, seeing an
+            # attempt without outcome, reads the task back before sending. Nothing is lost.
             log.exception(
                 "a batch of %s actions was interrupted; it will be taken over", len(batch)
             )
         finally:
-            self.in_flight.difference_update(a.id for a in batch if a.id not in handed_off)
+            self.in_flight.difference_update(a.id for a in batch)
             self._completions += 1
             self._wake.set()
 
-    async def process_batch(
-        self, batch: list[ClaimedAction], stats: ApplyStats, tg: TaskGroup, handed_off: set[int]
-    ) -> None:
-        """The common path, one transaction per step for the whole claimed set: validate,
-        baselines, record every attempt, send them all, record every outcome. An action that
-        needs a read-back first (unknown outcome, or a worker that died mid-call) takes the
-        one-at-a-time path instead."""
-        finishes: list[tuple[int, Finish, int | None, tuple[str, str] | None]] = []
+    async def process_batch(self, batch: list[ClaimedAction], stats: ApplyStats) -> None:
+        """The one path of a claimed set of actions, one transaction per step: validate; read
+        the tasks back after an unknown outcome and take baselines before a first attempt (the
+        two reads run side by side, on disjoint actions); record the attempts; send; record
+        every outcome."""
+        finishes: list[Finish] = []
+        await self.store.close_dangling_attempts([a.id for a in batch if a.interrupted], DANGLING)
         ready: list[_Ready] = []
         for action in batch:
-            if action.last_outcome in (None, "unknown"):
-                handed_off.add(action.id)
-                tg.start_soon(self._guarded, action, stats)
-                continue
             prepared = self._prepare(action)
             if isinstance(prepared, str):
-                stats.failed += 1
-                log.warning("action %s failed: %s", action.id, prepared)
-                finishes.append((action.id, Finish("failed", "failed", error=prepared), None, None))
+                finishes.append(self._fail(action, prepared, stats))
             else:
                 ready.append(prepared)
-        baselines = await self._baselines(ready, finishes, stats)
+        doubtful = [r for r in ready if r.action.outcome_unknown]
+        fresh = [
+            r
+            for r in ready
+            if not r.action.outcome_unknown and not self._gave_up(r, finishes, stats)
+        ]
+        baselines: dict[int, int | None] = {}  # action id -> baseline: the actions to send
+        async with anyio.create_task_group() as reads:
+            reads.start_soon(self._read_back, doubtful, baselines, finishes, stats)
+            reads.start_soon(self._baselines, fresh, baselines, finishes, stats)
         attempt_ids = await self.store.start_attempts(self.worker, baselines)
-        _crash_point("after-attempt")
-        sending = [r for r in ready if r.action.id in attempt_ids]
-        for r in ready:
-            if r.action.id in baselines and r.action.id not in attempt_ids:
-                log.warning("lost the lease on action %s before sending", r.action.id)
+        self.hooks.crash_point("after-attempt")
+        for action_id in baselines.keys() - attempt_ids.keys():
+            log.warning("lost the lease on action %s before sending", action_id)
 
-        async def send(r: _Ready) -> None:
+        async def send(r: _Ready, attempt_id: int) -> None:
             action = r.action
-            attempt_id = attempt_ids[action.id]
             with log_context(system=action.system, task=action.task_id, action=str(action.id)):
                 try:
                     answer = await r.upstream.apply(action.task_id, action.kind, r.params)
                 except UpstreamError as exc:
-                    finish = self._decide(
-                        action, exc, stats, r.max_attempts, action.attempts + 1, attempt_id
-                    )
-                    finishes.append((action.id, finish, attempt_id, None))
+                    attempts = action.attempts + 1
+                    finishes.append(self._decide(r, exc, stats, attempts, attempt_id))
                     return
             stats.succeeded += 1
-            finish = Finish("succeeded", "succeeded", result=_jsonable(answer), http_status=200)
-            finishes.append((action.id, finish, attempt_id, (action.system, action.task_id)))
+            finishes.append(
+                Finish(
+                    action.id,
+                    AttemptOutcome.SUCCEEDED,
+                    ActionStatus.SUCCEEDED,
+                    attempt_id,
+                    result=_jsonable(answer),
+                    http_status=200,
+                    repoll=(action.system, action.task_id),
+                )
+            )
 
         async with anyio.create_task_group() as senders:
-            for r in sending:
-                senders.start_soon(send, r)
-        _crash_point("after-answer")
-        await self.store.finish_many(self.worker, finishes)
+            for r in ready:
+                if r.action.id in attempt_ids:
+                    senders.start_soon(send, r, attempt_ids[r.action.id])
+        self.hooks.crash_point("after-answer")
+        await self.store.finish(self.worker, finishes)
         observe_actions(batch, finishes)
 
     def _prepare(self, action: ClaimedAction) -> _Ready | str:
@@ -225,38 +204,119 @@ class ActionRunner:
         upstream = self.upstreams.get(spec.system)
         if upstream is None:
             return f"{spec.system} is not configured (no [systems.{spec.system}] section)"
+        # a row inserted with SQL skipped enqueue, which fills these in
+        params = configured_defaults(spec, getattr(self.settings.systems, spec.system)) | params
         max_attempts = action.max_attempts or self.settings.retry.max_attempts
-        if action.attempts >= max_attempts:
-            return f"gave up after {action.attempts} attempts"
-        return _Ready(action, params, upstream, max_attempts)
+        return _Ready(action, spec, params, upstream, max_attempts)
+
+    async def _read_back(
+        self,
+        doubtful: list[_Ready],
+        baselines: dict[int, int | None],
+        finishes: list[Finish],
+        stats: ApplyStats,
+    ) -> None:
+        """Read back the tasks of actions whose last outcome is unknown. One that took effect
+        succeeds; one whose task cannot be read is rescheduled (or fails, out of attempts);
+        one that did not take effect is sent again, with its baseline."""
+
+        async def check(r: _Ready) -> None:
+            action = r.action
+            with log_context(system=action.system, task=action.task_id, action=str(action.id)):
+                try:
+                    fetched = await r.upstream.fetch(action.task_id)
+                except UpstreamError as exc:
+                    finishes.append(self._unreadable(r, exc, stats))
+                    return
+                count = r.spec.effect.count(r.params, fetched.observation)
+                baseline = action.baseline if isinstance(r.spec.effect, Adds) else 0
+                if count <= (baseline or 0):
+                    log.info("action %s: the read-back shows no effect; sending again", action.id)
+                    if not self._gave_up(r, finishes, stats):
+                        # none stored (a row written by hand): the count just read is it
+                        baselines[action.id] = (
+                            action.baseline if action.baseline is not None else count
+                        )
+                    return
+                stats.verified += 1
+                stats.succeeded += 1
+                log.info(
+                    "action %s: the answer was lost but the read-back shows it took effect",
+                    action.id,
+                )
+                finishes.append(
+                    Finish(
+                        action.id,
+                        AttemptOutcome.SUCCEEDED,
+                        ActionStatus.SUCCEEDED,
+                        result={
+                            "verified": "the answer was lost; reading the task back showed the effect",
+                            "status": fetched.observation.status,
+                        },
+                        repoll=(action.system, action.task_id),
+                    )
+                )
+
+        async with anyio.create_task_group() as readers:
+            for r in doubtful:
+                readers.start_soon(check, r)
+
+    def _gave_up(self, r: _Ready, finishes: list[Finish], stats: ApplyStats) -> bool:
+        """Whether the action has used up its attempts (then it fails)."""
+        if r.action.attempts < r.max_attempts:
+            return False
+        finishes.append(self._fail(r.action, f"gave up after {r.action.attempts} attempts", stats))
+        return True
+
+    def _unreadable(self, r: _Ready, exc: UpstreamError, stats: ApplyStats) -> Finish:
+        """A read-back that failed counts as an attempt, or it could loop for ever."""
+        action = r.action
+        attempts = action.attempts + 1
+        if attempts >= r.max_attempts:
+            reason = (
+                f"outcome unknown after {action.attempts} attempts and the task cannot be read "
+                f"back: {exc}"
+            )
+            return self._fail(action, reason, stats)
+        return Finish(
+            action.id,
+            AttemptOutcome.UNKNOWN,
+            ActionStatus.PENDING,
+            error=f"outcome unknown; read-back failed: {exc}",
+            next_attempt_at=utcnow() + timedelta(seconds=self._delay(attempts, exc)),
+            attempts=attempts,
+        )
 
     async def _baselines(
         self,
         ready: list[_Ready],
-        finishes: list[tuple[int, Finish, int | None, tuple[str, str] | None]],
+        out: dict[int, int | None],
+        finishes: list[Finish],
         stats: ApplyStats,
-    ) -> dict[int, int | None]:
+    ) -> None:
         """The baseline of every ready action (see the module docstring), from the stored
         snapshots in one query; a task never synced is read from the upstream."""
-        out: dict[int, int | None] = {}
-        unknown = [r for r in ready if r.action.baseline is None and r.action.kind in ADDITIVE]
-        inputs = await self.store.baseline_inputs_many(
-            [(r.action.system, r.action.task_id) for r in unknown]
+        unknown = [
+            r for r in ready if r.action.baseline is None and isinstance(r.spec.effect, Adds)
+        ]
+        inputs = await self.store.baseline_inputs(
+            [(r.action.system, r.action.task_id) for r in unknown],
+            kinds={r.action.kind for r in unknown},
         )
         to_read: list[_Ready] = []
         for r in ready:
-            action = r.action
-            if action.baseline is not None or action.kind not in ADDITIVE:
+            action, effect = r.action, r.spec.effect
+            if action.baseline is not None or not isinstance(effect, Adds):
                 out[action.id] = action.baseline if action.baseline is not None else 0
                 continue
             found = inputs.get((action.system, action.task_id))
-            if found is None or not isinstance(found[1], Mapping):
+            if found is None or not isinstance(found.payload, Mapping):
                 to_read.append(r)
                 continue
-            _, payload, done = found
-            seen = effect_count(action.kind, r.params, r.upstream.observe(payload))
+            seen = effect.count(r.params, r.upstream.observe(found.payload))
+            # our own earlier actions with the same effect, applied after that snapshot
             out[action.id] = seen + sum(
-                1 for kind, p, _ in done if kind == action.kind and _same_effect(kind, p, r.params)
+                1 for d in found.done if d.kind == action.kind and effect.same(d.params, r.params)
             )
 
         async def read(r: _Ready) -> None:
@@ -264,21 +324,13 @@ class ActionRunner:
                 fetched = await r.upstream.fetch(r.action.task_id)
             except UpstreamError as exc:
                 attempts = r.action.attempts + 1  # a failed read uses up an attempt
-                finishes.append(
-                    (
-                        r.action.id,
-                        self._decide(r.action, exc, stats, r.max_attempts, attempts, None),
-                        None,
-                        None,
-                    )
-                )
+                finishes.append(self._decide(r, exc, stats, attempts, None))
                 return
-            out[r.action.id] = effect_count(r.action.kind, r.params, fetched.observation)
+            out[r.action.id] = r.spec.effect.count(r.params, fetched.observation)
 
         async with anyio.create_task_group() as readers:
             for r in to_read:
                 readers.start_soon(read, r)
-        return out
 
     async def _renew_leases(self) -> None:
         interval = max(self.settings.worker.lease / 3, 0.5)
@@ -289,249 +341,67 @@ class ActionRunner:
                     self.worker, sorted(self.in_flight), self.settings.worker.lease
                 )
 
-    # --- one action -----------------------------------------------------------------------
-
-    async def process(self, action: ClaimedAction, stats: ApplyStats) -> None:
-        try:
-            params = _decode_params(action.params_text)
-            spec, params = validate_action(action.system, action.kind, params)
-        except InvalidInput as exc:
-            await self._fail(action, f"invalid action: {exc}", stats)
-            return
-        upstream = self.upstreams.get(spec.system)
-        if upstream is None:
-            await self._fail(
-                action,
-                f"{spec.system} is not configured (no [systems.{spec.system}] section)",
-                stats,
-            )
-            return
-        max_attempts = action.max_attempts or self.settings.retry.max_attempts
-
-        last = action.last_outcome
-        if last is None:  # an attempt started and never recorded its outcome: the worker died
-            await self.store.close_dangling_attempts(
-                action.id, "the worker stopped before recording the outcome"
-            )
-            last = "unknown"
-        if last == "unknown":
-            verdict = await self._verify(action, upstream, params, stats)
-            if verdict is not False:  # applied (done) or could not tell (rescheduled)
-                return
-
-        if action.attempts >= max_attempts:
-            await self._fail(action, f"gave up after {action.attempts} attempts", stats)
-            return
-        baseline = action.baseline
-        if baseline is None:
-            try:
-                baseline = await self._baseline(action, upstream, params)
-            except UpstreamError as exc:
-                # a read that keeps failing (a refused credential, a task that cannot be read)
-                # uses up attempts like a send would, so max_attempts ends it
-                await self._reschedule(
-                    action, None, exc, stats, max_attempts, attempts=action.attempts + 1
-                )
-                return
-        attempt_id = await self.store.start_attempt(action.id, self.worker, baseline)
-        if attempt_id is None:
-            log.warning(
-                "lost the lease on action %s before sending; another worker has it", action.id
-            )
-            return
-        attempts = action.attempts + 1
-        _crash_point("after-attempt")
-        try:
-            answer = await upstream.apply(action.task_id, action.kind, params)
-        except UpstreamError as exc:
-            await self._reschedule(action, attempt_id, exc, stats, max_attempts, attempts=attempts)
-            return
-        _crash_point("after-answer")
-        await self.store.finish(
-            action.id,
-            self.worker,
-            Finish("succeeded", "succeeded", result=_jsonable(answer), http_status=200),
-            attempt_id,
-            repoll=(action.system, action.task_id),
-        )
-        observe_action(action.system, action.kind, "succeeded")
-        stats.succeeded += 1
-        log.info(
-            "action %s %s on %s task %s succeeded",
-            action.id,
-            action.kind,
-            action.system,
-            action.task_id,
-        )
-
-    async def _verify(
-        self,
-        action: ClaimedAction,
-        upstream: Upstream,
-        params: Mapping[str, str],
-        stats: ApplyStats,
-    ) -> bool | None:
-        """Read the task back after an unknown outcome. True: it took effect (recorded);
-        False: it did not (send again); None: the read failed (rescheduled)."""
-        try:
-            fetched = await upstream.fetch(action.task_id)
-        except UpstreamError as exc:
-            max_attempts = action.max_attempts or self.settings.retry.max_attempts
-            attempts = action.attempts + 1  # a failed read-back counts, or it could loop forever
-            if attempts >= max_attempts:
-                await self._fail(
-                    action,
-                    f"outcome unknown after {action.attempts} attempts and the task cannot be read back: {exc}",
-                    stats,
-                )
-            else:
-                delay = action_delay(
-                    attempts,
-                    self.settings.retry.base_delay,
-                    self.settings.retry.max_delay,
-                    exc.retry_after,
-                    self.rng,
-                )
-                await self.store.finish(
-                    action.id,
-                    self.worker,
-                    Finish(
-                        "unknown",
-                        "pending",
-                        error=f"outcome unknown; read-back failed: {exc}",
-                        next_attempt_at=utcnow() + timedelta(seconds=delay),
-                        attempts=attempts,
-                    ),
-                )
-                observe_action(action.system, action.kind, "unknown")
-            return None
-        count = effect_count(action.kind, params, fetched.observation)
-        baseline = action.baseline if action.kind in ADDITIVE else 0
-        applied = count > baseline if baseline is not None else count > 0
-        if applied:
-            stats.verified += 1
-            stats.succeeded += 1
-            await self.store.finish(
-                action.id,
-                self.worker,
-                Finish(
-                    "succeeded",
-                    "succeeded",
-                    result={
-                        "verified": "the answer was lost; reading the task back showed the effect",
-                        "status": fetched.observation.status,
-                    },
-                ),
-                repoll=(action.system, action.task_id),
-            )
-            observe_action(action.system, action.kind, "succeeded")
-            log.info(
-                "action %s: the answer was lost but the read-back shows it took effect", action.id
-            )
-            return True
-        log.info("action %s: the read-back shows no effect; sending again", action.id)
-        return False
-
-    async def _baseline(
-        self, action: ClaimedAction, upstream: Upstream, params: Mapping[str, str]
-    ) -> int:
-        """How often the effect is visible before the first attempt (additive kinds only)."""
-        if action.kind not in ADDITIVE:
-            return 0
-        _fetched_at, payload, done = await self.store.effect_baseline_inputs(
-            action.system, action.task_id, action.kind
-        )
-        if isinstance(payload, Mapping):
-            seen = effect_count(action.kind, params, upstream.observe(payload))
-            # our own earlier actions with the same text, applied after that snapshot was taken
-            since = sum(1 for p, _ in done if _same_effect(action.kind, p, params))
-            return seen + since
-        fetched = await upstream.fetch(action.task_id)  # never synced: ask the upstream
-        return effect_count(action.kind, params, fetched.observation)
-
-    async def _reschedule(
-        self,
-        action: ClaimedAction,
-        attempt_id: int | None,
-        exc: UpstreamError,
-        stats: ApplyStats,
-        max_attempts: int,
-        *,
-        attempts: int,
-    ) -> None:
-        finish = self._decide(action, exc, stats, max_attempts, attempts, attempt_id)
-        await self.store.finish(action.id, self.worker, finish, attempt_id)
-        observe_action(action.system, action.kind, finish.outcome)
-
     def _decide(
         self,
-        action: ClaimedAction,
+        r: _Ready,
         exc: UpstreamError,
         stats: ApplyStats,
-        max_attempts: int,
         attempts: int,
         attempt_id: int | None,
     ) -> Finish:
         """What a failed attempt (or a failed read before one) makes of the action."""
+        action = r.action
         # without an attempt row (a failed read before sending) the count is stored here
         counted = attempts if attempt_id is None else None
+        unknown = exc.kind is ErrorKind.UNKNOWN
+        outcome = AttemptOutcome.UNKNOWN if unknown else AttemptOutcome.RETRY
+        next_attempt_at = None
         if exc.deferred:
             # Nothing was sent (circuit open, or the gateway's window is spent): not a try of
             # the upstream, so it uses up no attempt; come back when the system takes requests.
-            stats.retried += 1
+            status, error = ActionStatus.PENDING, str(exc)
             delay = max(exc.retry_after or 0.0, self.settings.retry.base_delay)
+            next_attempt_at = utcnow() + timedelta(seconds=delay)
+            counted = action.attempts
+            stats.retried += 1
             log.info("action %s: %s; next attempt in %.1fs", action.id, exc, delay)
-            return Finish(
-                "retry",
-                "pending",
-                error=str(exc),
-                next_attempt_at=utcnow() + timedelta(seconds=delay),
-                attempts=action.attempts,
-            )
-        if exc.kind in (ErrorKind.PERMANENT, ErrorKind.NOT_FOUND):
+        elif exc.kind in (ErrorKind.PERMANENT, ErrorKind.NOT_FOUND):
+            outcome, status, error = AttemptOutcome.FAILED, ActionStatus.FAILED, str(exc)
             stats.failed += 1
             log.warning("action %s failed: %s", action.id, exc)
-            return Finish(
-                "failed", "failed", error=str(exc), http_status=exc.http_status, attempts=counted
-            )
-        outcome = "unknown" if exc.kind is ErrorKind.UNKNOWN else "retry"
-        if outcome == "unknown":
-            stats.unknown += 1
-        if outcome == "retry" and attempts >= max_attempts:
+        elif not unknown and attempts >= r.max_attempts:
+            status, error = ActionStatus.FAILED, f"gave up after {attempts} attempts: {exc}"
             stats.failed += 1
             log.warning("action %s failed after %s attempts: %s", action.id, attempts, exc)
-            return Finish(
-                "retry",
-                "failed",
-                error=f"gave up after {attempts} attempts: {exc}",
-                http_status=exc.http_status,
-                attempts=counted,
-            )
-        # An unknown outcome is always followed by a read-back (even past max_attempts): the
-        # action may have taken effect, and failing it blindly would misreport it.
-        delay = action_delay(
-            attempts,
-            self.settings.retry.base_delay,
-            self.settings.retry.max_delay,
-            exc.retry_after,
-            self.rng,
-        )
-        stats.retried += 1
-        log.info("action %s: %s; next attempt in %.1fs", action.id, exc, delay)
+        else:
+            # An unknown outcome is always followed by a read-back (even past max_attempts):
+            # the action may have taken effect, and failing it blindly would misreport it.
+            status, error = ActionStatus.PENDING, str(exc)
+            delay = self._delay(attempts, exc)
+            next_attempt_at = utcnow() + timedelta(seconds=delay)
+            stats.retried += 1
+            if unknown:
+                stats.unknown += 1
+            log.info("action %s: %s; next attempt in %.1fs", action.id, exc, delay)
         return Finish(
+            action.id,
             outcome,
-            "pending",
-            error=str(exc),
+            status,
+            attempt_id,
+            error=error,
             http_status=exc.http_status,
-            next_attempt_at=utcnow() + timedelta(seconds=delay),
+            next_attempt_at=next_attempt_at,
             attempts=counted,
         )
 
-    async def _fail(self, action: ClaimedAction, reason: str, stats: ApplyStats) -> None:
+    def _delay(self, attempts: int, exc: UpstreamError) -> float:
+        retry = self.settings.retry
+        return action_delay(attempts, retry.base_delay, retry.max_delay, exc.retry_after, self.rng)
+
+    def _fail(self, action: ClaimedAction, reason: str, stats: ApplyStats) -> Finish:
         stats.failed += 1
-        await self.store.finish(action.id, self.worker, Finish("failed", "failed", error=reason))
-        observe_action(action.system, action.kind, "failed")
         log.warning("action %s failed: %s", action.id, reason)
+        return Finish(action.id, AttemptOutcome.FAILED, ActionStatus.FAILED, error=reason)
 
 
 def _decode_params(text: str | None) -> Any:
@@ -541,21 +411,6 @@ def _decode_params(text: str | None) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"params is not valid JSON ({exc})") from None
-
-
-def _same_effect(kind: str, stored: Any, params: Mapping[str, str]) -> bool:
-    if isinstance(stored, str):
-        try:
-            stored = orjson.loads(stored)
-        except orjson.JSONDecodeError:
-            return False
-    if not isinstance(stored, Mapping):
-        return False
-    if kind == "comment":
-        return stored.get("comment") == params.get("comment")
-    return stored.get("title") == params.get("title") and stored.get("description") == params.get(
-        "description"
-    )
 
 
 def _jsonable(answer: Mapping[str, JSON]) -> JSON:

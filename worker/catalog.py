@@ -1,19 +1,122 @@
-"""The action catalogue and its validation: pure, shared by `enqueue` and the action runner.
+"""The action catalogue: everything about an action kind, in one entry, and its validation.
+
+An entry says which params a kind takes (and their limits and defaults), how its effect shows
+when the task is read back, and which operation it is upstream. The command line builds its
+`enqueue` options from it, the action runner validates and reads back with it, the SecMaster
+client maps kinds to its `UpdateTask` actions with it: none of them names a kind.
 
 Rows inserted with plain SQL skip the command line, so the runner re-validates every action it
 claims with the same function and fails the row with the message this module produces.
+Pure: no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, TypeGuard
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeGuard
 
-from worker.model import SYSTEMS, ActionSpec, System
+import orjson
+
+from worker.model import SYSTEMS, Observation, System
 
 MAX_TASK_ID = 255
 MAX_ID_PARAM = 255
 MAX_COMMENT = 20_000
+
+
+# --- how an effect is counted on a read-back ----------------------------------------------
+#
+# The action runner records the count before the first attempt (the action's *baseline*) and,
+# after an unknown outcome, reads the task back: a count above the baseline means the action
+# took effect. An additive effect is one more matching item each time it is applied; a state
+# counts 1 while it holds and 0 when it does not, with a baseline of 0.
+
+
+@dataclass(frozen=True, slots=True)
+class Adds:
+    """Additive: each application adds one item to the task's `items` whose fields match."""
+
+    items: Literal["trace", "comments"]
+    identity: Mapping[str, str]  # param -> the item field that must equal it
+
+    def count(self, params: Mapping[str, str], observation: Observation) -> int:
+        return sum(
+            1
+            for item in _items(observation, self.items)
+            if all(item.get(f) == params.get(p) for p, f in self.identity.items())
+        )
+
+    def same(self, stored: object, params: Mapping[str, str]) -> bool:
+        """Whether an earlier action's stored params have the same effect as these."""
+        if isinstance(stored, str):  # a JSON column can come back as text
+            try:
+                stored = orjson.loads(stored)
+            except orjson.JSONDecodeError:
+                return False
+        if not isinstance(stored, Mapping):
+            return False
+        return all(stored.get(p) == params.get(p) for p in self.identity)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A state: the id given in `param` is (present) or is not (not present) in `items`."""
+
+    items: Literal["comments", "attachments"]
+    param: str
+    present: bool
+
+    def count(self, params: Mapping[str, str], observation: Observation) -> int:
+        ids = observation.comments if self.items == "comments" else observation.attachments
+        return 1 if (params.get(self.param) in ids) == self.present else 0
+
+
+@dataclass(frozen=True, slots=True)
+class StatusIs:
+    """A state: the task's upstream status is `status`."""
+
+    status: str
+
+    def count(self, params: Mapping[str, str], observation: Observation) -> int:
+        return 1 if observation.status == self.status else 0
+
+
+Effect = Adds | Member | StatusIs  # Adds is additive; the others are states
+
+
+def _items(observation: Observation, items: str) -> Iterable[Mapping[str, Any]]:
+    if items == "trace":
+        return (t.entry for t in observation.trace)
+    return ({"id": c.id, "message": c.message} for c in observation.comments.values())
+
+
+# --- the kinds ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """One action kind: its params, how its effect shows, what it is upstream."""
+
+    system: System
+    kind: str
+    effect: Effect
+    upstream: str  # the operation: AICC's endpoint, SecMaster's UpdateTask action
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    max_lengths: Mapping[str, int] = field(default_factory=dict)
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    # param -> the key of the system's configuration section that gives its default
+    configured: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (*self.required, *self.optional)
+
+
+def _id_param(name: str) -> dict[str, Any]:
+    return {"required": (name,), "max_lengths": {name: MAX_ID_PARAM}}
+
 
 ACTIONS: dict[tuple[System, str], ActionSpec] = {
     (spec.system, spec.kind): spec
@@ -21,6 +124,8 @@ ACTIONS: dict[tuple[System, str], ActionSpec] = {
         ActionSpec(
             "aicc",
             "process",
+            Adds("trace", {"title": "title", "description": "description"}),
+            upstream="process",
             required=("title", "description"),
             optional=("type", "attachment", "creator_id"),
             max_lengths={
@@ -31,29 +136,38 @@ ACTIONS: dict[tuple[System, str], ActionSpec] = {
                 "creator_id": 64,
             },
             defaults={"type": "Iternal"},  # sic: the only value AICC documents
+            configured={"creator_id": "creator_id"},
         ),
         ActionSpec(
-            "secmaster", "comment", required=("comment",), max_lengths={"comment": MAX_COMMENT}
+            "secmaster",
+            "comment",
+            Adds("comments", {"comment": "message"}),
+            upstream="ADD_COMMENT",
+            required=("comment",),
+            max_lengths={"comment": MAX_COMMENT},
         ),
         ActionSpec(
             "secmaster",
             "delete-comment",
-            required=("comment_id",),
-            max_lengths={"comment_id": MAX_ID_PARAM},
+            Member("comments", "comment_id", present=False),
+            upstream="DELETE_COMMENT",
+            **_id_param("comment_id"),
         ),
-        ActionSpec("secmaster", "terminate"),
-        ActionSpec("secmaster", "continue"),
+        ActionSpec("secmaster", "terminate", StatusIs("canceled"), upstream="TERMINATE"),
+        ActionSpec("secmaster", "continue", StatusIs("finished"), upstream="CONTINUE"),
         ActionSpec(
             "secmaster",
             "add-attachment",
-            required=("attachment_id",),
-            max_lengths={"attachment_id": MAX_ID_PARAM},
+            Member("attachments", "attachment_id", present=True),
+            upstream="ADD_ATTACHMENT",
+            **_id_param("attachment_id"),
         ),
         ActionSpec(
             "secmaster",
             "delete-attachment",
-            required=("attachment_id",),
-            max_lengths={"attachment_id": MAX_ID_PARAM},
+            Member("attachments", "attachment_id", present=False),
+            upstream="DELETE_ATTACHMENT",
+            **_id_param("attachment_id"),
         ),
     )
 }
@@ -109,33 +223,51 @@ def kinds_for(system: System) -> list[str]:
 
 def action_spec(system: str, kind: str) -> ActionSpec:
     sys = check_system(system)
-    if sys == "koodrive":
-        raise InvalidInput("koodrive tasks are read-only: there are no koodrive actions")
+    kinds = kinds_for(sys)
+    if not kinds:
+        raise InvalidInput(f"{sys} tasks are read-only: there are no {sys} actions")
     spec = ACTIONS.get((sys, kind))
     if spec is None:
         raise InvalidInput(
-            f"unknown {sys} action {shown(kind)}: expected one of {', '.join(kinds_for(sys))}"
+            f"unknown {sys} action {shown(kind)}: expected one of {', '.join(kinds)}"
         )
     return spec
 
 
-def validate_params(spec: ActionSpec, params: object) -> dict[str, str]:
+def all_params() -> list[str]:
+    """Every param some kind takes, in catalogue order: the command line's enqueue options."""
+    return list(dict.fromkeys(p for spec in ACTIONS.values() for p in spec.params))
+
+
+def configured_defaults(spec: ActionSpec, section: object) -> dict[str, str]:
+    """The defaults a kind takes from its system's configuration section (None: not set up)."""
+    out: dict[str, str] = {}
+    for param, key in spec.configured.items():
+        value = getattr(section, key, None)
+        if isinstance(value, str) and value:
+            out[param] = value
+    return out
+
+
+def validate_params(
+    spec: ActionSpec, params: object, spell: Callable[[str], str] = str
+) -> dict[str, str]:
     """Check params against the spec; return them with defaults filled in.
 
-    Raises InvalidInput naming the offending field. Values must be strings: a number where
+    Raises InvalidInput naming the offending field (a name it does not take spelled with
+    `spell`: the command line passes `option_name`). Values must be strings: a number where
     text is expected is refused rather than silently converted.
     """
     if not isinstance(params, Mapping):
         raise InvalidInput(f"params must be a JSON object, not {type(params).__name__}")
-    allowed = set(spec.required) | set(spec.optional)
-    unknown = sorted(shown(str(k), 40).strip("'") for k in params if k not in allowed)
+    unknown = sorted(spell(shown(str(k), 40).strip("'")) for k in params if k not in spec.params)
     if unknown:
-        expected = ", ".join(sorted(allowed)) or "none"
+        expected = ", ".join(sorted(spell(p) for p in spec.params)) or "none"
         raise InvalidInput(
             f"{spec.system} {spec.kind} does not take {', '.join(unknown)} (it takes: {expected})"
         )
     out: dict[str, str] = dict(spec.defaults)
-    for name in (*spec.required, *spec.optional):
+    for name in spec.params:
         value: Any = params.get(name)
         if value is None:
             if name in spec.required:

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from worker.catalog import (
-    ACTIONS,
     InvalidInput,
     action_spec,
+    all_params,
     check_system,
     check_task_id,
+    configured_defaults,
+    option_name,
     validate_params,
 )
 from worker.config import EX_CONFIG, ConfigError, LoadedConfig, load_config
+from worker.model import ActionStatus
 
 if TYPE_CHECKING:
     from worker.store import Store
@@ -30,18 +34,6 @@ T = TypeVar("T")
 
 EX_USAGE = 2
 EX_FAILURE = 1
-
-# Every action option the command line knows, and the parameter it fills.
-ACTION_OPTIONS = {
-    "title": "--title",
-    "description": "--description",
-    "type": "--type",
-    "attachment": "--attachment",
-    "creator_id": "--creator-id",
-    "comment": "--comment",
-    "comment_id": "--comment-id",
-    "attachment_id": "--attachment-id",
-}
 
 
 class UsageError(Exception):
@@ -88,8 +80,8 @@ def build_parser() -> Parser:
     p.add_argument("system", metavar="SYSTEM")
     p.add_argument("task_id", metavar="TASK_ID")
     p.add_argument("action", metavar="ACTION")
-    for param, option in ACTION_OPTIONS.items():
-        p.add_argument(option, dest=param, metavar="TEXT")
+    for param in all_params():  # every param of every kind; the catalogue says which fits
+        p.add_argument(option_name(param), dest=param, metavar="TEXT")
     p.add_argument(
         "--key", metavar="KEY", help="idempotency key: a second enqueue with it prints the first id"
     )
@@ -113,7 +105,7 @@ def build_parser() -> Parser:
     p.add_argument("task_id", metavar="TASK_ID")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("actions", help="list actions")
-    p.add_argument("--status", choices=("pending", "running", "succeeded", "failed", "canceled"))
+    p.add_argument("--status", choices=[s.value for s in ActionStatus])
     p.add_argument("--json", action="store_true")
     for name in ("cancel", "retry"):
         p = sub.add_parser(name, help=f"{name} an action")
@@ -327,16 +319,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     system = check_system(args.system)
     task_id = check_task_id(args.task_id)
     spec = action_spec(system, args.action)
-    given = {p: getattr(args, p) for p in ACTION_OPTIONS if getattr(args, p) is not None}
-    allowed = set(spec.required) | set(spec.optional)
-    stray = [ACTION_OPTIONS[p] for p in given if p not in allowed]
-    if stray:
-        takes = (
-            ", ".join(ACTION_OPTIONS[p] for p in (*spec.required, *spec.optional)) or "no options"
-        )
-        raise InvalidInput(
-            f"{system} {spec.kind} does not take {', '.join(stray)} (it takes {takes})"
-        )
+    given = {p: getattr(args, p) for p in all_params() if getattr(args, p) is not None}
+    validate_params(spec, given, option_name)  # before the configuration: bad input is exit 2
     if args.key is not None and (not args.key.strip() or len(args.key) > 255):
         raise InvalidInput("--key must be 1 to 255 characters")
     if args.max_attempts is not None and not 1 <= args.max_attempts <= 1000:
@@ -345,15 +329,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if by is not None and (not by.strip() or len(by) > 255 or not by.isprintable()):
         raise InvalidInput("--requested-by must be 1 to 255 printable characters")
     loaded = _config(args)
-    aicc = loaded.settings.systems.aicc
-    if (
-        spec.kind == "process"
-        and "creator_id" not in given
-        and aicc is not None
-        and aicc.creator_id
-    ):
-        given["creator_id"] = aicc.creator_id
-    params = validate_params(spec, given)
+    section = getattr(loaded.settings.systems, spec.system)
+    params = validate_params(spec, configured_defaults(spec, section) | given, option_name)
     _ensure_schema(loaded.settings.database.url)
     action_id, _created = _run(
         lambda: _with_store(
@@ -408,7 +385,7 @@ def cmd_actions(args: argparse.Namespace) -> int:
                     r["kind"],
                     r["status"],
                     r["attempts"],
-                    r["next_attempt_at"] if r["status"] == "pending" else None,
+                    r["next_attempt_at"] if r["status"] == ActionStatus.PENDING else None,
                     r["last_error"],
                     r["params"],
                     r["requested_by"],
@@ -471,8 +448,7 @@ def _format_status(report: dict[str, Any]) -> str:
     else:
         out += ["Tracked tasks: none (tasksync track SYSTEM TASK_ID, or tasksync discover)", ""]
     queue = report["actions"]
-    statuses = ("pending", "running", "succeeded", "failed", "canceled")
-    out += ["Action queue: " + ", ".join(f"{queue.get(s, 0)} {s}" for s in statuses), ""]
+    out += ["Action queue: " + ", ".join(f"{queue.get(s, 0)} {s}" for s in ActionStatus), ""]
     if report["runs"]:
         rows = [
             (
@@ -639,17 +615,19 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from worker.hooks import Hooks
     from worker.runner import run_apply
 
-    return run_apply(_config(args))
+    return run_apply(_config(args), Hooks.from_environ(os.environ))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from worker.hooks import Hooks
     from worker.service import run_daemon
 
     loaded = _config(args)
     _ensure_schema(loaded.settings.database.url)
-    return run_daemon(loaded)
+    return run_daemon(loaded, Hooks.from_environ(os.environ))
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -733,14 +711,4 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "grants": cmd_grants,
     "healthcheck": cmd_healthcheck,
-}
-
-assert {kind for _, kind in ACTIONS} <= {
-    "process",
-    "comment",
-    "delete-comment",
-    "terminate",
-    "continue",
-    "add-attachment",
-    "delete-attachment",
 }

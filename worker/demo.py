@@ -20,7 +20,7 @@ import anyio
 
 from worker.catalog import validate_action
 from worker.config import Settings
-from worker.model import SYSTEMS, System
+from worker.model import SYSTEMS, ActionStatus, System
 from worker.store import Store, worker_name
 
 TASKS_PER_SYSTEM = 12
@@ -177,4 +177,4 @@ async def _report(store: Store, tracked: Mapping[System, list[str]], db_file: Pa
     )
     print(f'  sqlite3 {db_file} "SELECT system, state, count(*) FROM tasks GROUP BY system, state"')
     print(f"  TASKSYNC_DATABASE__URL=sqlite:///{db_file} tasksync status")
-    return all(a["status"] == "succeeded" for a in actions)
+    return all(a["status"] == ActionStatus.SUCCEEDED for a in actions)

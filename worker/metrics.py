@@ -358,20 +358,14 @@ def observe_polls(results: Iterable[_PollResult]) -> None:
         _recorder.polls_written(results)
 
 
-def observe_action(system: str, kind: str, outcome: str) -> None:
-    """An outcome recorded for an action (succeeded, retry, failed, unknown)."""
-    if _recorder is not None:
-        _recorder.action_finished(system, kind, outcome)
-
-
-def observe_actions(actions: Iterable[Any], finishes: Iterable[tuple[int, Any, Any, Any]]) -> None:
-    """The outcomes of a batch (worker.actions: claimed actions and their finish tuples)."""
+def observe_actions(actions: Iterable[Any], finishes: Iterable[Any]) -> None:
+    """The outcomes of a batch (worker.actions: the claimed actions and their `Finish`es)."""
     if _recorder is not None:
         by_id: Mapping[int, Any] = {a.id: a for a in actions}
-        for action_id, finish, _, _ in finishes:
-            action = by_id.get(action_id)
+        for finish in finishes:
+            action = by_id.get(finish.action_id)
             if action is not None:
-                _recorder.action_finished(action.system, action.kind, finish.outcome)
+                _recorder.action_finished(action.system, action.kind, str(finish.outcome))
 
 
 def observe_cycle(kind: str, started: float) -> None:

@@ -110,15 +110,3 @@ class Event:
     dedup_key: str  # unique per (system, task_id, kind): repeated cycles insert nothing new
     occurred_at: datetime | None
     data: Mapping[str, JSON]
-
-
-@dataclass(frozen=True, slots=True)
-class ActionSpec:
-    """One action kind: how it is called on the command line and which params it carries."""
-
-    system: System
-    kind: str
-    required: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
-    max_lengths: Mapping[str, int] = field(default_factory=dict)
-    defaults: Mapping[str, str] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from typing import TypeVar
 import anyio
 
 from worker.config import ConfigError, LoadedConfig
+from worker.hooks import Hooks
 from worker.model import System
 from worker.store import SqliteWorkerLock, Store, sqlite_path, worker_name
 from worker.store.engine import async_url
@@ -147,10 +148,9 @@ def run_discover(loaded: LoadedConfig, *, systems: Sequence[str], quiet: bool) -
     register_secrets(loaded)
 
     async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:
-        listable: dict[System, Upstream] = {s: u for s, u in upstreams.items() if s != "koodrive"}
         with ProgressBar("discovering", None, quiet) as bar:
             stats = await discover(
-                store, listable, worker, systems, progress=bar.advance if bar.enabled else None
+                store, upstreams, worker, systems, progress=bar.advance if bar.enabled else None
             )
         if not quiet:
             print(f"listed {stats.seen} task(s): {stats.new} new")
@@ -162,14 +162,15 @@ def run_discover(loaded: LoadedConfig, *, systems: Sequence[str], quiet: bool) -
         return anyio.run(lambda: with_worker(loaded, go), backend="asyncio")
 
 
-def run_apply(loaded: LoadedConfig) -> int:
+def run_apply(loaded: LoadedConfig, hooks: Hooks | None = None) -> int:
     from worker.actions import ActionRunner
 
     ensure_schema(loaded.settings.database.url)
     register_secrets(loaded)
 
     async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:
-        stats = await ActionRunner(store, upstreams, loaded.settings, worker).run_until_idle()
+        runner = ActionRunner(store, upstreams, loaded.settings, worker, hooks=hooks or Hooks())
+        stats = await runner.run_until_idle()
         print(f"actions: {stats}")
         return 0
 

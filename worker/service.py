@@ -25,9 +25,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.actions import ActionRunner
 from worker.config import LoadedConfig, Schedule, Settings
+from worker.hooks import WEDGE_ENV, Hooks
 from worker.logs import log_context
 from worker.metrics import observe_database
 from worker.model import System
@@ -50,20 +51,21 @@ from worker.upstreams.base import Upstream
 
 log = logging.getLogger("worker.service")
 
-WEDGE_ENV = "TASKSYNC_TEST_WEDGE"  # test-only hook, see Daemon._maybe_wedge
 BEAT_SLICE_CAP = 5.0  # idle loops beat at least this often
 DB_BACKOFF = (1.0, 30.0)  # a loop that lost the database retries after 1 s, 2 s, ... 30 s
 LISTEN_SAFETY_POLL = 30.0  # with LISTEN up, look anyway this often (a notification can be lost)
 CLEANUP_BUDGET = 8.0  # releasing leases and closing sessions after the drain (TimeoutStopSec=30)
 
 
-def run_daemon(loaded: LoadedConfig) -> int:
+def run_daemon(loaded: LoadedConfig, hooks: Hooks | None = None) -> int:
     """Run until SIGTERM/SIGINT. 0 after a clean shutdown, 1 when a loop failed."""
     register_secrets(loaded)
     url = loaded.settings.database.url
     with worker_lock(url):  # SQLite: a second worker is refused (WorkerLockError, exit 1)
         http = _bind_metrics(loaded.settings)  # before anything starts: an address in use
-        daemon = Daemon(loaded.settings, GatedStore(create_engine(url)), http=http)
+        daemon = Daemon(
+            loaded.settings, GatedStore(create_engine(url)), hooks or Hooks(), http=http
+        )
         try:
             anyio.run(daemon.serve, backend="asyncio")
         except Exception as exc:
@@ -137,7 +139,9 @@ class Pulse:
 
 class GatedStore(Store):
     """The store as the daemon's action runner sees it: claims stop on shutdown (so in-flight
-    actions finish instead of being cancelled), and every claim and finish is progress."""
+    actions finish instead of being cancelled), and each transition of a batch is progress:
+    its claim, its attempts recorded, its outcomes recorded. Between two of them the runner
+    waits on one round of requests at most, which the stall limit allows for."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
@@ -153,18 +157,18 @@ class GatedStore(Store):
         self.on_progress()
         return claimed
 
-    async def finish(
-        self,
-        action_id: int,
-        worker: str,
-        finish: Finish,
-        attempt_id: int | None = None,
-        now: datetime | None = None,
-        repoll: tuple[str, str] | None = None,
-    ) -> bool:
-        done = await super().finish(action_id, worker, finish, attempt_id, now, repoll)
+    async def start_attempts(
+        self, worker: str, baselines: Mapping[int, int | None], now: datetime | None = None
+    ) -> dict[int, int]:
+        started = await super().start_attempts(worker, baselines, now)
         self.on_progress()
-        return done
+        return started
+
+    async def finish(
+        self, worker: str, items: Sequence[Finish], now: datetime | None = None
+    ) -> None:
+        await super().finish(worker, items, now)
+        self.on_progress()
 
 
 @dataclass
@@ -205,7 +209,12 @@ WorkFn = Callable[[Pulse], Awaitable[None]]
 
 class Daemon:
     def __init__(
-        self, settings: Settings, store: GatedStore, *, http: socket.socket | None = None
+        self,
+        settings: Settings,
+        store: GatedStore,
+        hooks: Hooks | None = None,
+        *,
+        http: socket.socket | None = None,
     ) -> None:
         self.settings = settings
         self.http = http  # the bound [metrics] listener socket, served by worker/observe.py
@@ -226,10 +235,12 @@ class Daemon:
             for name, client in self.upstreams.items()
             if getattr(getattr(settings.systems, name), "discover", False)
         }
-        self.runner = ActionRunner(self.store, self.upstreams, settings, self.worker)
+        self.hooks = hooks or Hooks()
+        self.runner = ActionRunner(
+            self.store, self.upstreams, settings, self.worker, hooks=self.hooks
+        )
         self.cycle = SyncCycle(self.store, self.upstreams, settings, self.worker)
         self.listener: ActionListener | None = None
-        self.wedge = _wedge_target()
         self._born = time.monotonic()
         self.pulses: dict[str, Pulse] = {}
         self.done: dict[str, anyio.Event] = {}
@@ -617,22 +628,18 @@ class Daemon:
         return False
 
     async def _maybe_wedge(self, name: str) -> None:
-        """Test-only: TASKSYNC_TEST_WEDGE=LOOP[:SECONDS[:LENGTH]] makes that loop block without
-        beating, SECONDS after start-up, for ever (or LENGTH seconds, once), so tests can see
-        the watchdog pings stop (and /livez recover). Read only here; never set it in
-        production."""
-        if self.wedge is None or self.wedge[0] != name:
+        """Test-only (worker.hooks): the wedged loop blocks without beating, for ever (or for
+        the hook's length, once), so tests can see the watchdog pings stop and /livez recover."""
+        wedge = self.hooks.wedge
+        if wedge is None or wedge[0] != name or time.monotonic() - self._born < wedge[1]:
             return
-        if time.monotonic() - self._born < self.wedge[1]:
-            return
-        log.warning(
-            "%s=%s: wedging the %s loop (test hook)", WEDGE_ENV, os.environ[WEDGE_ENV], name
-        )
-        length = os.environ[WEDGE_ENV].split(":")[2:3]
-        if not length:
+        log.warning("%s: wedging the %s loop (test hook)", WEDGE_ENV, name)
+        length = wedge[2]
+        if length is None:
             await anyio.sleep_forever()
-        self.wedge = None
-        await anyio.sleep(float(length[0]))
+            return
+        self.hooks = replace(self.hooks, wedge=None)
+        await anyio.sleep(length)
 
 
 async def _fire(wake: Wake) -> None:
@@ -656,14 +663,3 @@ def _bind_metrics(settings: Settings) -> socket.socket | None:
 
     metrics.enable()  # recorded from the first request on, not from the first scrape
     return observe.bind(settings.metrics.listen)
-
-
-def _wedge_target() -> tuple[str, float] | None:
-    value = os.environ.get(WEDGE_ENV, "").strip()
-    if not value:
-        return None
-    name, _, after = value.partition(":")
-    try:
-        return name, float(after.partition(":")[0] or 0)
-    except ValueError:
-        return name, 0.0

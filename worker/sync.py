@@ -295,8 +295,7 @@ class SyncCycle:
             batch_slots.release()
 
     async def _fetch(self, task: ClaimedTask) -> Fetched | UpstreamError:
-        upstream = self.upstreams[task.system]  # type: ignore[index]
-        system: System = upstream.system
+        upstream = self.upstreams[task.system]
         try:
             return await upstream.fetch(task.task_id)
         except UpstreamError as exc:
@@ -306,7 +305,7 @@ class SyncCycle:
             return UpstreamError(
                 ErrorKind.RETRY,
                 f"internal error: {type(exc).__name__}: {exc}",
-                system=system,
+                system=task.system,
                 task_id=task.task_id,
             )
 
@@ -320,7 +319,7 @@ class SyncCycle:
         changed = [
             t
             for t in batch
-            if isinstance(fetched[t.id], Fetched) and fetched[t.id].content_hash != t.content_hash  # type: ignore[union-attr]
+            if isinstance(f := fetched[t.id], Fetched) and f.content_hash != t.content_hash
         ]
         previous = await self.store.latest_payloads(changed) if changed else {}
         return [self._result(t, fetched[t.id], previous.get(t.id), now, stats) for t in batch]
@@ -357,7 +356,7 @@ class SyncCycle:
         result = PollResult(task, now, now + timedelta(seconds=interval))
         if answer.content_hash == task.content_hash:
             return result
-        upstream = self.upstreams[task.system]  # type: ignore[index]
+        upstream = self.upstreams[task.system]
         before = None
         if isinstance(previous_payload, Mapping):
             before = upstream.observe(previous_payload)

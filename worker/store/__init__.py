@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from worker.store.actions import ActionBatchStore, ActionStore, ClaimedAction, Finish
+from worker.store.actions import ActionStore, ClaimedAction, Finish
 from worker.store.base import utcnow, worker_name
 from worker.store.engine import (
     DatabaseUrlError,
@@ -20,7 +20,7 @@ from worker.store.tasks import ClaimedTask, PollResult, TaskStore
 from worker.store.upstream import HealthRow, UpstreamStore, WalkRow
 
 
-class Store(TaskStore, ActionStore, ActionBatchStore, ReportStore, UpstreamStore):
+class Store(TaskStore, ActionStore, ReportStore, UpstreamStore):
     """Everything the commands and loops need from the database."""
 
     @classmethod

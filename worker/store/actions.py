@@ -2,44 +2,71 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
-from worker.model import JSON
+from worker.model import JSON, ActionStatus, AttemptOutcome
 from worker.store.base import StoreBase, as_dict, json_text, utcnow
 from worker.store.schema import UTCDateTime, action_attempts, actions, task_snapshots, tasks
 
-OPEN = ("pending", "running")
+OPEN = (ActionStatus.PENDING, ActionStatus.RUNNING)
+TERMINAL = (ActionStatus.SUCCEEDED, ActionStatus.FAILED)
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimedAction:
     id: int
-    system: str
+    system: str  # raw, like kind and params: a row inserted by SQL may hold anything
     task_id: str
     kind: str
-    params_text: str | None  # raw: a row inserted by SQL may hold anything
+    params_text: str | None
     attempts: int
     max_attempts: int | None
     baseline: int | None
-    last_outcome: str | None  # of the newest attempt: None = never tried or never finished
+    last_outcome: AttemptOutcome | None  # of the newest attempt; None: never tried, or below
+    interrupted: bool = False  # the newest attempt has no outcome: its worker died mid-call
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """Whether the last attempt may have taken effect unseen: read back before sending."""
+        return self.interrupted or self.last_outcome is AttemptOutcome.UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """How an attempt ended and what the action becomes."""
+    """How an attempt (or a read-back) ended and what its action becomes: one row of
+    `ActionStore.finish`, the one transition out of `running`."""
 
-    outcome: str  # succeeded | retry | failed | unknown
-    status: str  # the action's new status: succeeded | pending | failed
+    action_id: int
+    outcome: AttemptOutcome
+    status: ActionStatus  # succeeded | pending | failed
+    attempt_id: int | None = None  # the attempt row it ends; None when nothing was sent
     error: str | None = None
     http_status: int | None = None
     result: JSON = None
     next_attempt_at: datetime | None = None
     attempts: int | None = None  # set when a try that sent nothing still counts (a failed read)
+    repoll: tuple[str, str] | None = None  # (system, task id) to poll next cycle on success
+
+
+class DoneAction(NamedTuple):
+    """An action that succeeded on a task after its newest snapshot was taken."""
+
+    kind: str
+    params: JSON
+    finished_at: datetime
+
+
+class BaselineInputs(NamedTuple):
+    """What an action's baseline is computed from without asking the upstream."""
+
+    fetched_at: datetime  # of the task's newest snapshot
+    payload: JSON
+    done: list[DoneAction]
 
 
 class ActionStore(StoreBase):
@@ -114,20 +141,9 @@ class ActionStore(StoreBase):
         """Cancel a pending action. Returns (status afterwards or None if no such action,
         whether this call canceled it)."""
         now = now or utcnow()
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                actions.update()
-                .where(actions.c.id == action_id, actions.c.status == "pending")
-                .values(
-                    status="canceled",
-                    finished_at=now,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_until=None,
-                )
-            )
-            status = await conn.scalar(sa.select(actions.c.status).where(actions.c.id == action_id))
-        return (None if status is None else str(status)), result.rowcount > 0
+        return await self._move(
+            action_id, ActionStatus.PENDING, status=ActionStatus.CANCELED, finished_at=now, now=now
+        )
 
     async def retry(self, action_id: int, now: datetime | None = None) -> tuple[str | None, bool]:
         """Put a failed action back in the queue with a fresh attempt budget.
@@ -135,19 +151,26 @@ class ActionStore(StoreBase):
         The baseline is kept: if the last attempt's outcome was unknown, the runner still
         reads the task back before sending anything again. Returns (status, changed)."""
         now = now or utcnow()
+        return await self._move(
+            action_id,
+            ActionStatus.FAILED,
+            status=ActionStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            finished_at=None,
+            now=now,
+        )
+
+    async def _move(
+        self, action_id: int, only_from: ActionStatus, *, now: datetime, **values: Any
+    ) -> tuple[str | None, bool]:
+        """A user's transition of one action, done only from `only_from`; releases any lease.
+        Returns (status afterwards or None if no such action, whether this call moved it)."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 actions.update()
-                .where(actions.c.id == action_id, actions.c.status == "failed")
-                .values(
-                    status="pending",
-                    attempts=0,
-                    next_attempt_at=now,
-                    finished_at=None,
-                    updated_at=now,
-                    lease_owner=None,
-                    lease_until=None,
-                )
+                .where(actions.c.id == action_id, actions.c.status == only_from)
+                .values(updated_at=now, lease_owner=None, lease_until=None, **values)
             )
             status = await conn.scalar(sa.select(actions.c.status).where(actions.c.id == action_id))
         return (None if status is None else str(status)), result.rowcount > 0
@@ -164,9 +187,11 @@ class ActionStore(StoreBase):
             sa.select(actions.c.id)
             .where(
                 sa.or_(
-                    sa.and_(actions.c.status == "pending", actions.c.next_attempt_at <= now),
                     sa.and_(
-                        actions.c.status == "running",
+                        actions.c.status == ActionStatus.PENDING, actions.c.next_attempt_at <= now
+                    ),
+                    sa.and_(
+                        actions.c.status == ActionStatus.RUNNING,
                         sa.or_(actions.c.lease_until.is_(None), actions.c.lease_until < now),
                     ),
                 ),
@@ -184,7 +209,7 @@ class ActionStore(StoreBase):
             actions.update()
             .where(actions.c.id.in_(self.skip_locked(candidates).scalar_subquery()))
             .values(
-                status="running",
+                status=ActionStatus.RUNNING,
                 lease_owner=worker,
                 lease_until=now + timedelta(seconds=lease),
                 updated_at=now,
@@ -222,7 +247,6 @@ class ActionStore(StoreBase):
                     )
                 ).all()
             )
-            had_attempt = set(outcomes)
         claimed = [
             ClaimedAction(
                 id=r[0],
@@ -233,112 +257,30 @@ class ActionStore(StoreBase):
                 attempts=r[5],
                 max_attempts=r[6],
                 baseline=r[7],
-                last_outcome=outcomes.get(r[0]) if r[0] in had_attempt else "none",
+                last_outcome=_outcome(outcomes.get(r[0])),
+                interrupted=r[0] in outcomes and outcomes[r[0]] is None,
             )
             for r in rows
         ]
         return sorted(claimed, key=lambda a: a.id)
 
     async def close_dangling_attempts(
-        self, action_id: int, reason: str, now: datetime | None = None
+        self, action_ids: Sequence[int], reason: str, now: datetime | None = None
     ) -> int:
         """Attempts that never recorded an outcome (their worker died mid-call) become unknown."""
+        if not action_ids:
+            return 0
         now = now or utcnow()
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 action_attempts.update()
                 .where(
-                    action_attempts.c.action_id == action_id, action_attempts.c.outcome.is_(None)
+                    action_attempts.c.action_id.in_(list(action_ids)),
+                    action_attempts.c.outcome.is_(None),
                 )
-                .values(outcome="unknown", finished_at=now, error=reason)
+                .values(outcome=AttemptOutcome.UNKNOWN, finished_at=now, error=reason)
             )
         return int(result.rowcount)
-
-    async def start_attempt(
-        self, action_id: int, worker: str, baseline: int | None, now: datetime | None = None
-    ) -> int | None:
-        """Record an attempt *before* the request is sent (so a crash leaves a trace that makes
-        the next claimer verify first). Returns its id, or None when the lease was lost."""
-        now = now or utcnow()
-        async with self.engine.begin() as conn:
-            owned = await conn.execute(
-                actions.update()
-                .where(
-                    actions.c.id == action_id,
-                    actions.c.lease_owner == worker,
-                    actions.c.status == "running",
-                )
-                .values(
-                    attempts=actions.c.attempts + 1,
-                    baseline=sa.func.coalesce(actions.c.baseline, baseline),
-                    updated_at=now,
-                )
-            )
-            if owned.rowcount == 0:
-                return None
-            attempt_id = await conn.scalar(
-                action_attempts.insert()
-                .values(action_id=action_id, started_at=now, worker=worker)
-                .returning(action_attempts.c.id)
-            )
-        return int(attempt_id)
-
-    async def finish(
-        self,
-        action_id: int,
-        worker: str,
-        finish: Finish,
-        attempt_id: int | None = None,
-        now: datetime | None = None,
-        repoll: tuple[str, str] | None = None,
-    ) -> bool:
-        """Record an attempt's outcome and the action's new status; releases the lease.
-        Returns False when the lease had been lost (another worker owns the action now)."""
-        now = now or utcnow()
-        terminal = finish.status in ("succeeded", "failed")
-        values: dict[str, Any] = {
-            "status": finish.status,
-            "last_error": finish.error,
-            "updated_at": now,
-            "lease_owner": None,
-            "lease_until": None,
-            "finished_at": now if terminal else None,
-        }
-        if finish.result is not None:
-            values["result"] = finish.result
-        if finish.next_attempt_at is not None:
-            values["next_attempt_at"] = finish.next_attempt_at
-        if finish.attempts is not None:
-            values["attempts"] = finish.attempts
-        async with self.engine.begin() as conn:
-            if attempt_id is not None:
-                await conn.execute(
-                    action_attempts.update()
-                    .where(action_attempts.c.id == attempt_id)
-                    .values(
-                        outcome=finish.outcome,
-                        finished_at=now,
-                        http_status=finish.http_status,
-                        error=finish.error,
-                    )
-                )
-            result = await conn.execute(
-                actions.update()
-                .where(actions.c.id == action_id, actions.c.lease_owner == worker)
-                .values(values)
-            )
-            if repoll is not None and result.rowcount > 0:
-                # The task changed upstream: poll it at the next cycle. An action queued with
-                # plain SQL for a task nobody tracked starts tracking it, as `enqueue` would.
-                upsert = self.insert(tasks).values(
-                    system=repoll[0], task_id=repoll[1], first_seen_at=now, next_poll_at=now
-                )
-                await conn.execute(
-                    upsert.on_conflict_do_update(
-                        index_elements=["system", "task_id"], set_={"next_poll_at": now}
-                    )
-                )
-        return result.rowcount > 0
 
     async def renew_action_leases(self, worker: str, ids: Sequence[int], lease: float) -> None:
         if not ids:
@@ -365,7 +307,9 @@ class ActionStore(StoreBase):
             await conn.execute(
                 actions.update()
                 .where(mine, ~in_flight)
-                .values(status="pending", lease_owner=None, lease_until=None, updated_at=now)
+                .values(
+                    status=ActionStatus.PENDING, lease_owner=None, lease_until=None, updated_at=now
+                )
             )
             await conn.execute(actions.update().where(mine, in_flight).values(lease_until=now))
 
@@ -373,74 +317,20 @@ class ActionStore(StoreBase):
         async with self.engine.connect() as conn:
             value = await conn.scalar(
                 sa.select(sa.func.min(actions.c.next_attempt_at)).where(
-                    actions.c.status == "pending"
+                    actions.c.status == ActionStatus.PENDING
                 )
             )
         if value is None:
             return None
         return UTCDateTime().process_result_value(value, self.engine.dialect)
 
-    async def effect_baseline_inputs(
-        self, system: str, task_id: str, kind: str
-    ) -> tuple[datetime | None, JSON, list[tuple[Any, datetime | None]]]:
-        """The newest snapshot (time, payload) of a task and the params and finish times of the
-        same kind of action that succeeded on it since: together they give the effect count
-        before an action's first attempt without asking the upstream."""
-        async with self.engine.connect() as conn:
-            snap = (
-                await conn.execute(
-                    sa.select(task_snapshots.c.fetched_at, task_snapshots.c.payload)
-                    .where(task_snapshots.c.system == system, task_snapshots.c.task_id == task_id)
-                    .order_by(task_snapshots.c.seq.desc())
-                    .limit(1)
-                )
-            ).first()
-            fetched_at = snap[0] if snap else None
-            query = sa.select(actions.c.params, actions.c.finished_at).where(
-                actions.c.system == system,
-                actions.c.task_id == task_id,
-                actions.c.kind == kind,
-                actions.c.status == "succeeded",
-            )
-            if fetched_at is not None:
-                query = query.where(actions.c.finished_at >= fetched_at)
-            done = [(r[0], r[1]) for r in (await conn.execute(query)).all()]
-        return fetched_at, (snap[1] if snap else None), done
-
-
-def _action_columns() -> sa.Select[Any]:
-    return sa.select(
-        actions.c.id,
-        actions.c.system,
-        actions.c.task_id,
-        actions.c.kind,
-        sa.cast(actions.c.params, sa.Text).label("params"),
-        actions.c.status,
-        actions.c.attempts,
-        actions.c.max_attempts,
-        actions.c.next_attempt_at,
-        actions.c.idempotency_key,
-        actions.c.last_error,
-        sa.cast(actions.c.result, sa.Text).label("result"),
-        actions.c.created_at,
-        actions.c.updated_at,
-        actions.c.finished_at,
-        actions.c.requested_by,
-    )
-
-
-class ActionBatchStore(StoreBase):
-    """The same steps as ActionStore, one transaction for a whole claimed set: the action
-    runner's common path, where one statement per action would cost more than the request."""
-
-    async def baseline_inputs_many(
-        self, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[datetime, JSON, list[tuple[str, Any, datetime | None]]]]:
-        """For each (system, task_id) that has a snapshot: its newest snapshot's time and
-        payload, and (kind, params, finished_at) of the comments/processes that succeeded on it
-        since. Tasks without a snapshot are absent."""
+    async def baseline_inputs(
+        self, keys: Sequence[tuple[str, str]], kinds: Collection[str]
+    ) -> dict[tuple[str, str], BaselineInputs]:
+        """For each (system, task_id) that has a snapshot: its newest snapshot, and the actions
+        of `kinds` that succeeded on it since. Tasks without a snapshot are absent."""
         wanted = list(dict.fromkeys(keys))
-        if not wanted:
+        if not wanted or not kinds:
             return {}
         pair = sa.tuple_(tasks.c.system, tasks.c.task_id)
         snapshots = (
@@ -468,26 +358,26 @@ class ActionBatchStore(StoreBase):
             actions.c.finished_at,
         ).where(
             sa.tuple_(actions.c.system, actions.c.task_id).in_(wanted),
-            actions.c.status == "succeeded",
-            actions.c.kind.in_(("comment", "process")),
+            actions.c.status == ActionStatus.SUCCEEDED,
+            actions.c.kind.in_(sorted(kinds)),
         )
-        out: dict[
-            tuple[str, str], tuple[datetime, JSON, list[tuple[str, Any, datetime | None]]]
-        ] = {}
+        out: dict[tuple[str, str], BaselineInputs] = {}
         async with self.engine.connect() as conn:
             for system, task_id, fetched_at, payload in (await conn.execute(snapshots)).all():
-                out[(system, task_id)] = (fetched_at, payload, [])
+                out[(system, task_id)] = BaselineInputs(fetched_at, payload, [])
             for system, task_id, kind, params, finished_at in (await conn.execute(done)).all():
                 entry = out.get((system, task_id))
                 if entry is not None and finished_at is not None and finished_at >= entry[0]:
-                    entry[2].append((kind, params, finished_at))
+                    entry.done.append(DoneAction(kind, params, finished_at))
         return out
 
     async def start_attempts(
         self, worker: str, baselines: Mapping[int, int | None], now: datetime | None = None
     ) -> dict[int, int]:
-        """Record one attempt per action before anything is sent, in one transaction.
-        Returns action id -> attempt id for the actions whose lease this worker still holds."""
+        """Record one attempt per action (and its baseline, if none is stored yet) *before*
+        anything is sent, in one transaction: a crash then leaves a trace that makes the next
+        claimer read the task back first. Returns action id -> attempt id for the actions whose
+        lease this worker still holds."""
         now = now or utcnow()
         ids = list(baselines)
         if not ids:
@@ -510,7 +400,7 @@ class ActionBatchStore(StoreBase):
                         .where(
                             actions.c.id.in_(ids),
                             actions.c.lease_owner == worker,
-                            actions.c.status == "running",
+                            actions.c.status == ActionStatus.RUNNING,
                         )
                         .values(attempts=actions.c.attempts + 1, updated_at=now)
                         .returning(actions.c.id)
@@ -533,44 +423,44 @@ class ActionBatchStore(StoreBase):
             ).all()
         return {int(action_id): int(attempt_id) for action_id, attempt_id in rows}
 
-    async def finish_many(
-        self,
-        worker: str,
-        items: Sequence[tuple[int, Finish, int | None, tuple[str, str] | None]],
-        now: datetime | None = None,
+    async def finish(
+        self, worker: str, items: Sequence[Finish], now: datetime | None = None
     ) -> None:
-        """Record many outcomes in one transaction: (action id, finish, attempt id, re-poll)."""
+        """Record outcomes in one transaction: each attempt's, and its action's new status;
+        releases the leases. An action whose lease this worker lost is left as it is."""
         if not items:
             return
         now = now or utcnow()
         b = sa.bindparam
         attempts = [
-            {"b_aid": aid, "b_out": f.outcome, "b_http": f.http_status, "b_err": f.error}
-            for _, f, aid, _ in items
-            if aid is not None
+            {"b_aid": f.attempt_id, "b_out": f.outcome, "b_http": f.http_status, "b_err": f.error}
+            for f in items
+            if f.attempt_id is not None
         ]
-        common = {"updated_at": now, "lease_owner": None, "lease_until": None}
+        by_status: dict[ActionStatus, list[dict[str, Any]]] = {}
+        for f in items:
+            by_status.setdefault(f.status, []).append(
+                {
+                    "b_id": f.action_id,
+                    "b_err": f.error,
+                    "b_result": f.result,
+                    "b_next": f.next_attempt_at or now,
+                    "b_n": f.attempts,
+                }
+            )
+        repoll = [
+            {
+                "system": f.repoll[0],
+                "task_id": f.repoll[1],
+                "first_seen_at": now,
+                "next_poll_at": now,
+            }
+            for f in items
+            if f.repoll is not None and f.status == ActionStatus.SUCCEEDED
+        ]
         mine = sa.and_(actions.c.id == b("b_id"), actions.c.lease_owner == worker)
-        succeeded = [
-            {"b_id": i, "b_result": f.result} for i, f, _, _ in items if f.status == "succeeded"
-        ]
-        pending = [
-            {"b_id": i, "b_err": f.error, "b_next": f.next_attempt_at or now, "b_n": f.attempts}
-            for i, f, _, _ in items
-            if f.status == "pending"
-        ]
-        failed = [
-            {"b_id": i, "b_err": f.error, "b_n": f.attempts}
-            for i, f, _, _ in items
-            if f.status == "failed"
-        ]
         # a try that sent nothing (a failed read) still counts: Finish.attempts, when set
         counted = sa.func.coalesce(b("b_n", type_=sa.Integer()), actions.c.attempts)
-        repoll = [
-            {"system": r[0], "task_id": r[1], "first_seen_at": now, "next_poll_at": now}
-            for _, f, _, r in items
-            if r is not None and f.status == "succeeded"
-        ]
         async with self.engine.begin() as conn:
             if attempts:
                 await conn.execute(
@@ -584,47 +474,14 @@ class ActionBatchStore(StoreBase):
                     ),
                     attempts,
                 )
-            if succeeded:
+            for status, rows in by_status.items():
                 await conn.execute(
-                    actions.update()
-                    .where(mine)
-                    .values(
-                        status="succeeded",
-                        result=b("b_result", type_=actions.c.result.type),
-                        last_error=None,
-                        finished_at=now,
-                        **common,
-                    ),
-                    succeeded,
-                )
-            if pending:
-                await conn.execute(
-                    actions.update()
-                    .where(mine)
-                    .values(
-                        status="pending",
-                        attempts=counted,
-                        last_error=b("b_err"),
-                        next_attempt_at=b("b_next", type_=actions.c.next_attempt_at.type),
-                        finished_at=None,
-                        **common,
-                    ),
-                    pending,
-                )
-            if failed:
-                await conn.execute(
-                    actions.update()
-                    .where(mine)
-                    .values(
-                        status="failed",
-                        attempts=counted,
-                        last_error=b("b_err"),
-                        finished_at=now,
-                        **common,
-                    ),
-                    failed,
+                    actions.update().where(mine).values(_finished_values(status, now, counted)),
+                    rows,
                 )
             if repoll:
+                # The task changed upstream: poll it at the next cycle. An action queued with
+                # plain SQL for a task nobody tracked starts tracking it, as `enqueue` would.
                 upsert = self.insert(tasks)
                 await conn.execute(
                     upsert.on_conflict_do_update(
@@ -633,3 +490,50 @@ class ActionBatchStore(StoreBase):
                     ),
                     repoll,
                 )
+
+
+def _action_columns() -> sa.Select[Any]:
+    return sa.select(
+        actions.c.id,
+        actions.c.system,
+        actions.c.task_id,
+        actions.c.kind,
+        sa.cast(actions.c.params, sa.Text).label("params"),
+        actions.c.status,
+        actions.c.attempts,
+        actions.c.max_attempts,
+        actions.c.next_attempt_at,
+        actions.c.idempotency_key,
+        actions.c.last_error,
+        sa.cast(actions.c.result, sa.Text).label("result"),
+        actions.c.created_at,
+        actions.c.updated_at,
+        actions.c.finished_at,
+    )
+
+
+def _finished_values(status: ActionStatus, now: datetime, counted: Any) -> dict[str, Any]:
+    """The columns `finish` sets for actions ending an attempt in `status`."""
+    b = sa.bindparam
+    values: dict[str, Any] = {
+        "status": status,
+        "updated_at": now,
+        "lease_owner": None,
+        "lease_until": None,
+        "finished_at": now if status in TERMINAL else None,
+    }
+    if status == ActionStatus.SUCCEEDED:
+        values |= {"result": b("b_result", type_=actions.c.result.type), "last_error": None}
+    else:
+        values |= {"attempts": counted, "last_error": b("b_err")}
+    if status == ActionStatus.PENDING:
+        values["next_attempt_at"] = b("b_next", type_=actions.c.next_attempt_at.type)
+    return values
+
+
+def _outcome(value: str | None) -> AttemptOutcome | None:
+    # the column has no constraint: a value written by hand counts as no outcome to act on
+    try:
+        return None if value is None else AttemptOutcome(value)
+    except ValueError:
+        return None

@@ -18,6 +18,8 @@ import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 from anyio.abc import TaskStatus
 
+from worker.model import ActionStatus
+from worker.store.actions import OPEN
 from worker.store.base import StoreBase
 from worker.store.engine import async_url
 from worker.store.schema import actions, tasks
@@ -98,7 +100,7 @@ async def leased_ids(store: StoreBase, worker: str) -> tuple[list[int], list[int
         action_ids = (
             await conn.scalars(
                 sa.select(actions.c.id).where(
-                    actions.c.lease_owner == worker, actions.c.status == "running"
+                    actions.c.lease_owner == worker, actions.c.status == ActionStatus.RUNNING
                 )
             )
         ).all()
@@ -111,7 +113,7 @@ async def queue_depth(store: StoreBase) -> dict[str, int]:
         rows = (
             await conn.execute(
                 sa.select(actions.c.status, sa.func.count())
-                .where(actions.c.status.in_(("pending", "running")))
+                .where(actions.c.status.in_(OPEN))
                 .group_by(actions.c.status)
             )
         ).all()

@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from worker.model import JSON, Event
+from worker.model import JSON, Event, System
 from worker.store.base import StoreBase, utcnow
 from worker.store.schema import UTCDateTime, task_events, task_snapshots, tasks
 
@@ -17,7 +17,7 @@ from worker.store.schema import UTCDateTime, task_events, task_snapshots, tasks
 @dataclass(frozen=True, slots=True)
 class ClaimedTask:
     id: int
-    system: str
+    system: System
     task_id: str
     content_hash: str | None
     snapshot_seq: int
@@ -112,7 +112,7 @@ class TaskStore(StoreBase):
         limit: int,
         lease: float,
         due_before: datetime | None,
-        systems: Sequence[str],
+        systems: Sequence[System],
         now: datetime | None = None,
     ) -> list[ClaimedTask]:
         """Lease up to `limit` tracked tasks with id > after_id, in id order.
@@ -150,8 +150,9 @@ class TaskStore(StoreBase):
         )
         async with self.engine.begin() as conn:
             rows = (await conn.execute(statement)).all()
+        chosen: dict[str, System] = {s: s for s in systems}  # the claim filtered on them
         claimed = [
-            ClaimedTask(int(r[0]), str(r[1]), str(r[2]), r[3], int(r[4]), int(r[5]), r[6])
+            ClaimedTask(int(r[0]), chosen[r[1]], str(r[2]), r[3], int(r[4]), int(r[5]), r[6])
             for r in rows
         ]
         return sorted(claimed, key=lambda t: t.id)

@@ -132,35 +132,4 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-def effect_count(kind: str, params: Mapping[str, str], observation: Observation) -> int:
-    """Pure: how many times the effect of an action is visible in an observation.
-
-    The action runner records this count before the first attempt (its *baseline*) and, after
-    an unknown outcome, reads the task back: a count above the baseline means the action was
-    applied. For kinds whose effect is a state rather than an addition (terminate, delete-*),
-    the count is 1 when the state holds and 0 when it does not, with a baseline of 0.
-    """
-    if kind == "process":
-        title, description = params.get("title"), params.get("description")
-        return sum(
-            1
-            for t in observation.trace
-            if t.entry.get("title") == title and t.entry.get("description") == description
-        )
-    if kind == "comment":
-        text = params.get("comment")
-        return sum(1 for c in observation.comments.values() if c.message == text)
-    if kind == "delete-comment":
-        return 0 if params.get("comment_id") in observation.comments else 1
-    if kind == "add-attachment":
-        return 1 if params.get("attachment_id") in observation.attachments else 0
-    if kind == "delete-attachment":
-        return 0 if params.get("attachment_id") in observation.attachments else 1
-    if kind == "terminate":
-        return 1 if observation.status == "canceled" else 0
-    if kind == "continue":
-        return 1 if observation.status == "finished" else 0
-    raise ValueError(f"no effect check for action kind {kind!r}")
-
-
 Payload = Mapping[str, Any]

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import orjson
 
+from worker import catalog
 from worker.config import SecMasterSettings
 from worker.hashing import content_hash
 from worker.model import JSON, Comment, Fetched, Observation, State, System
@@ -48,14 +49,11 @@ STATES: Mapping[str, State] = {
     "canceled": State.CANCELED,
 }
 
-# action kind -> (UpdateTask action, the parameter it carries)
+# action kind -> (UpdateTask action, the parameter it carries), from the catalogue
 ACTIONS: Mapping[str, tuple[str, str | None]] = {
-    "comment": ("ADD_COMMENT", "comment"),
-    "delete-comment": ("DELETE_COMMENT", "comment_id"),
-    "terminate": ("TERMINATE", None),
-    "continue": ("CONTINUE", None),
-    "add-attachment": ("ADD_ATTACHMENT", "attachment_id"),
-    "delete-attachment": ("DELETE_ATTACHMENT", "attachment_id"),
+    spec.kind: (spec.upstream, spec.required[0] if spec.required else None)
+    for spec in catalog.ACTIONS.values()
+    if spec.system == "secmaster"
 }
 
 _TIME = re.compile(
