@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeGuard
 import orjson
 
 from worker.model import SYSTEMS, Observation, System
+from worker.text import clip
 
 MAX_TASK_ID = 255
 MAX_ID_PARAM = 255
@@ -184,8 +185,7 @@ def option_name(param: str) -> str:
 
 def shown(value: object, limit: int = 64) -> str:
     """A value quoted for an error message, cut short: a row inserted by SQL may hold megabytes."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return clip(repr(value), limit)
 
 
 def is_system(name: str) -> TypeGuard[System]:

@@ -13,6 +13,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+from worker.text import one_line
+
 log = logging.getLogger(__name__)
 
 # A datagram to PID 1 normally goes through at once; the timeout only bounds the pathological case
@@ -31,7 +33,7 @@ def _socket_address(value: str) -> str | None:
 
 def _one_line(text: str) -> str:
     # A field ends at a newline: a multi-line status would turn its later lines into fields.
-    return " ".join(text.splitlines())
+    return one_line(text, 1000)
 
 
 class Notifier:

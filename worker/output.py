@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from worker.text import one_line
+
 
 def to_jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
@@ -42,9 +44,7 @@ def cell(value: Any, width: int = 60) -> str:
         return value.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, bool):
         return "yes" if value else "no"
-    text = value if isinstance(value, str) else orjson.dumps(value).decode()
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return one_line(value if isinstance(value, str) else orjson.dumps(value).decode(), width)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], width: int = 60) -> str:
