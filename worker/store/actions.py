@@ -509,6 +509,7 @@ def _action_columns() -> sa.Select[Any]:
         actions.c.created_at,
         actions.c.updated_at,
         actions.c.finished_at,
+        actions.c.requested_by,
     )
 
 
