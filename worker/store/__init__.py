@@ -15,11 +15,13 @@ from worker.store.engine import (
     redact_url,
     sqlite_path,
 )
+from worker.store.events import EventStore
 from worker.store.reports import ReportStore
+from worker.store.retention import RetentionPolicy, RetentionStore
 from worker.store.tasks import ClaimedTask, PollResult, TaskStore
 
 
-class Store(TaskStore, ActionStore, ActionBatchStore, ReportStore):
+class Store(TaskStore, ActionStore, ActionBatchStore, ReportStore, RetentionStore, EventStore):
     """Everything the commands and loops need from the database."""
 
     @classmethod
@@ -33,6 +35,7 @@ __all__ = [
     "DatabaseUrlError",
     "Finish",
     "PollResult",
+    "RetentionPolicy",
     "SqliteWorkerLock",
     "Store",
     "WorkerLockError",
