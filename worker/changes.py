@@ -8,6 +8,7 @@ means "look": the query after it decides what is new, so a lost or doubled one c
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -23,6 +24,8 @@ from anyio.abc import TaskStatus
 from worker.store import Store
 from worker.store.events import EVENTS_CHANNEL, PAGE
 from worker.store.listen import ActionListener
+
+log = logging.getLogger("worker.changes")
 
 POLL = 1.0  # SQLite, or PostgreSQL while LISTEN is down: well within the 2 s promised
 SAFETY_POLL = 15.0  # with LISTEN up, look anyway this often
@@ -58,6 +61,7 @@ async def stream_events(
             await tg.start(listener.run)
         try:
             cursor = await _backlog(store, since, systems, kinds, emit)
+            log.info("following events after id %d", cursor)
             while not _reader_gone():
                 with anyio.move_on_after(SAFETY_POLL if listener and listener.connected else POLL):
                     await wake.wait()

@@ -440,4 +440,10 @@ async def last_prune(conn: Any) -> dict[str, Any] | None:
     row = (
         await conn.execute(sa.select(prune_runs).order_by(prune_runs.c.id.desc()).limit(1))
     ).first()
-    return None if row is None else dict(row._mapping)
+    if row is None:
+        return None
+    found = dict(row._mapping)
+    deleted = found["deleted"] if isinstance(found["deleted"], dict) else {}
+    # in the order `prune` prints (JSONB keeps its own key order)
+    found["deleted"] = {t: int(deleted.get(t, 0)) for t in PRUNED_TABLES}
+    return found
