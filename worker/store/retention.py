@@ -246,10 +246,10 @@ class RetentionStore(StoreBase):
                 .order_by(table.c.id)
                 .limit(size)
             )
+            # one statement: pick (locking, skipping what another pruner holds) and delete
+            delete = table.delete().where(table.c.id.in_(pick.scalar_subquery()))
             async with self.engine.begin() as conn:
-                ids = (await conn.scalars(pick)).all()
-                if ids:
-                    await conn.execute(table.delete().where(table.c.id.in_(ids)))
+                ids = (await conn.scalars(delete.returning(table.c.id))).all()
             if not ids:
                 return total
             total += len(ids)
