@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from tests.conftest import Database, run_cli
 from worker.store import Store
+from worker.store.migrate import HEAD_REVISION
 
 pytestmark = pytest.mark.anyio
 
@@ -22,7 +23,7 @@ def test_migrate_twice(database: Database) -> None:
     for _ in range(2):
         result = cli(database, "migrate")
         assert result.returncode == 0, result.stderr
-        assert "revision 0001" in result.stdout
+        assert f"revision {HEAD_REVISION}" in result.stdout
 
 
 def test_track_untrack_and_status(database: Database) -> None:

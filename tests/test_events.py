@@ -324,3 +324,52 @@ async def test_a_sync_cycle_notifies_per_batch_in_increasing_order(
         assert await count(store, "task_events") >= len(received)
     finally:
         await conn.close()
+
+
+async def test_event_ids_are_committed_in_order_across_workers(
+    database: Database, store: Store
+) -> None:
+    """A consumer reading "after the last id" must never miss a row that commits late with a
+    lower id: storing transactions take their ids in turn (store/events.py)."""
+    if database.kind != "postgres":
+        pytest.skip("SQLite runs one write transaction at a time")
+    from worker.store.events import lock_event_order
+
+    await store.track("secmaster", ["late"])
+    [claimed] = await store.claim_tasks(
+        "w", after_id=0, limit=1, lease=60, due_before=None, systems=["secmaster"]
+    )
+    now = utcnow()
+    result = PollResult(
+        task=claimed,
+        polled_at=now,
+        next_poll_at=now + timedelta(minutes=5),
+        payload={"x": 1},
+        content_hash="h",
+        status="open",
+        state="open",
+        title="late",
+        events=[Event(EventKind.COMMENT_ADDED, "second", None, {"comment": "second"})],
+    )
+    other = Store.open(database.url)
+    try:
+        async with other.engine.connect() as first:
+            await first.begin()
+            await lock_event_order(first)  # a worker storing events, not committed yet
+            await first.execute(
+                task_events.insert().values(
+                    system="secmaster", task_id="late", kind="trace", dedup_key="first", data={}
+                )
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.write_results, "w", [result])
+                await anyio.sleep(0.5)
+                assert await _event_ids(store) == []  # the second waits for the first
+                await first.commit()
+        async with store.engine.connect() as conn:
+            order = (
+                await conn.scalars(sa.select(task_events.c.dedup_key).order_by(task_events.c.id))
+            ).all()
+        assert list(order) == ["first", "second"]
+    finally:
+        await other.aclose()
