@@ -247,7 +247,7 @@ class RetentionStore(StoreBase):
                 .limit(size)
             )
             # one statement: pick (locking, skipping what another pruner holds) and delete
-            delete = table.delete().where(table.c.id.in_(pick.scalar_subquery()))
+            delete = table.delete().where(self._one_of(table.c.id, pick))
             async with self.engine.begin() as conn:
                 ids = (await conn.scalars(delete.returning(table.c.id))).all()
             if not ids:
@@ -256,6 +256,14 @@ class RetentionStore(StoreBase):
             after = max(ids)
             beat()
         return total
+
+    def _one_of(self, column: sa.Column[Any], pick: sa.Select[Any]) -> sa.ColumnElement[bool]:
+        """`id IN (subquery)`, which PostgreSQL plans as a hash join over a scan of the whole
+        table (every batch would read every row); `id = ANY(ARRAY(subquery))` looks each id up
+        in the primary key. SQLite looks IN up by rowid already."""
+        if self.is_postgres:
+            return column == sa.any_(sa.func.array(pick.scalar_subquery()))
+        return column.in_(pick.scalar_subquery())
 
     async def _prune_snapshots(
         self, cutoff: datetime, size: int, done: dict[str, int], beat: Progress, stop: ShouldStop
