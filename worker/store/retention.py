@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import anyio
 import sqlalchemy as sa
 
 from worker.store.base import StoreBase, utcnow
@@ -48,6 +49,7 @@ OPEN = ("pending", "running")
 # An untracked task takes all its rows with it: a batch locks this many tasks per 100 rows of
 # batch size (a task carries a few dozen snapshots and events on average).
 TASKS_PER_100_ROWS = 1
+SQLITE_PAUSE = 0.1  # between two batches on SQLite: see RetentionStore._between_batches
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +257,16 @@ class RetentionStore(StoreBase):
             total += len(ids)
             after = max(ids)
             beat()
+            await self._between_batches()
         return total
+
+    async def _between_batches(self) -> None:
+        """SQLite has one write lock, and a writer waiting for it sleeps in steps of up to
+        100 ms (its busy handler): a pruner that began its next batch at once would take the
+        lock again before the sync loop woke, batch after batch (the benchmark measured a
+        cycle delayed by seconds). A pause of one such step lets every waiter in first."""
+        if not self.is_postgres:
+            await anyio.sleep(SQLITE_PAUSE)
 
     def _one_of(self, column: sa.Column[Any], pick: sa.Select[Any]) -> sa.ColumnElement[bool]:
         """`id IN (subquery)`, which PostgreSQL plans as a hash join over a scan of the whole
@@ -305,6 +316,7 @@ class RetentionStore(StoreBase):
                 return
             after = max(ids)
             beat()
+            await self._between_batches()
 
     async def _delete_actions(self, conn: Any, ids: list[int], done: dict[str, int]) -> None:
         # attempts explicitly (not by the foreign key's cascade), so they can be counted
@@ -348,6 +360,7 @@ class RetentionStore(StoreBase):
                 return
             after = max(int(r[0]) for r in picked)
             beat()
+            await self._between_batches()
 
     async def _delete_tasks(self, conn: Any, picked: list[Any], done: dict[str, int]) -> None:
         pairs = [(str(r[1]), str(r[2])) for r in picked]
