@@ -62,11 +62,16 @@ async def stream_events(
         try:
             cursor = await _backlog(store, since, systems, kinds, emit)
             log.info("following events after id %d", cursor)
+            looked = anyio.current_time()
+            # wake every POLL seconds at least: to poll, and to notice a reader that went away
             while not _reader_gone():
-                with anyio.move_on_after(SAFETY_POLL if listener and listener.connected else POLL):
+                with anyio.move_on_after(POLL):
                     await wake.wait()
-                wake = anyio.Event()
-                cursor = await _after(store, cursor, systems, kinds, emit)
+                listening = listener is not None and listener.connected
+                now = anyio.current_time()
+                if wake.is_set() or not listening or now - looked >= SAFETY_POLL:
+                    wake, looked = anyio.Event(), now
+                    cursor = await _after(store, cursor, systems, kinds, emit)
         except BrokenPipeError:
             pass
         tg.cancel_scope.cancel()  # not reached on a signal: that cancels the scope itself
