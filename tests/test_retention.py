@@ -509,3 +509,44 @@ async def test_daemon_prunes_on_its_schedule(
     assert code == 0
     assert "old" not in (await _world(store))["sync_runs"]
     assert await count(store, "task_snapshots") == len(ALL_SNAPSHOTS)  # no key: kept
+
+
+async def test_vacuum_gives_the_space_back_on_sqlite(database: Database, store: Store) -> None:
+    await _bulk_insert(store, 20_000)
+    before = await store.database_size()
+    removed = await store.prune(RetentionPolicy(snapshots=DAY, events=DAY), "w")
+    assert removed["task_snapshots"] == removed["task_events"] == 10_000
+    if database.kind == "sqlite":
+        assert await store.database_size() == before  # deleting leaves the pages allocated
+    await store.vacuum()
+    after = await store.database_size()
+    if database.kind == "sqlite":
+        assert after < before / 2
+    else:  # PostgreSQL: VACUUM makes the space reusable; the files keep their size
+        assert after <= before
+
+
+async def test_track_racing_a_prune_of_the_same_task_recreates_it(
+    database: Database, store: Store
+) -> None:
+    """The prune's batch holds the untracked task's row; `track` waits, finds it deleted, and
+    inserts it anew (it updates before it inserts)."""
+    if database.kind != "postgres":
+        pytest.skip("SQLite runs one write transaction at a time: no interleaving")
+    await store.track("aicc", ["raced"])
+    await store.untrack("aicc", ["raced"])
+    other = Store.open(database.url)
+    try:
+        async with other.engine.connect() as conn:
+            await conn.begin()
+            await conn.execute(  # what a prune batch does first: lock the task row
+                sa.select(tasks.c.id).where(tasks.c.task_id == "raced").with_for_update()
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.track, "aicc", ["raced"])
+                await anyio.sleep(0.5)
+                await conn.execute(tasks.delete().where(tasks.c.task_id == "raced"))
+                await conn.commit()
+    finally:
+        await other.aclose()
+    assert await count(store, "tasks", "task_id = 'raced' AND tracked") == 1
