@@ -550,3 +550,23 @@ async def test_track_racing_a_prune_of_the_same_task_recreates_it(
     finally:
         await other.aclose()
     assert await count(store, "tasks", "task_id = 'raced' AND tracked") == 1
+
+
+async def test_a_prune_asked_to_stop_ends_between_batches_and_says_so(store: Store) -> None:
+    await _bulk_insert(store, 4_000)
+    batches = 0
+
+    def beat() -> None:
+        nonlocal batches
+        batches += 1
+
+    removed = await store.prune(
+        RetentionPolicy(snapshots=DAY, events=DAY, batch_size=500),
+        "w",
+        progress=beat,
+        should_stop=lambda: batches >= 2,
+    )
+    assert batches == 2 and removed["task_snapshots"] == 1000 and removed["task_events"] == 0
+    async with store.engine.connect() as conn:
+        run = (await conn.execute(sa.select(prune_runs))).one()
+    assert run.finished_at is None and run.deleted["task_snapshots"] == 1000

@@ -207,7 +207,8 @@ class RetentionStore(StoreBase):
                 continue
             await step(cutoff, policy.batch_size, done, beat, stop)
             await self._record(worker, now, done, run_id, None)
-        await self._record(worker, now, done, run_id, utcnow())
+        # finished_at stays NULL for a prune cut short (a daemon asked to stop)
+        await self._record(worker, now, done, run_id, None if stop() else utcnow())
         return done
 
     # -- counting (dry run) --------------------------------------------------------------
