@@ -17,9 +17,8 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.conftest import Database
 from tests.support.cli import run_cli_async
-from tests.support.db import count, rows
+from tests.support.db import Database, count, rows
 from worker.sandbox import Sandbox
 from worker.store import Store
 

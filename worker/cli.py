@@ -143,6 +143,15 @@ def build_parser() -> Parser:
     )
     p = sub.add_parser("healthcheck", help="exit 0 when healthy, 1 when not; one line per check")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("prune", help="delete what [retention] lets go; rows per table")
+    p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    p.add_argument("--vacuum", action="store_true", help="then reclaim the space (SQLite: VACUUM)")
+    p = sub.add_parser("events", help="history events in id order (the newest 10 without --since)")
+    p.add_argument("--since", metavar="ID", help="events after this id")
+    p.add_argument("--follow", action="store_true", help="keep printing new events until a signal")
+    p.add_argument("--system", dest="systems", metavar="SYSTEM", nargs="+", action="extend")
+    p.add_argument("--kind", dest="kinds", metavar="KIND", nargs="+", action="extend")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
@@ -490,6 +499,7 @@ def _format_status(report: dict[str, Any]) -> str:
         ]
     else:
         out += ["Failing tasks: none"]
+    out += ["", *_format_storage(report)]
     return "\n".join(out)
 
 
@@ -527,6 +537,19 @@ def _format_upstreams(report: dict[str, Any]) -> list[str]:
         walk_headers = ("system", "started", "pages", "found", "new", "walk")
         out += ["Last discovery", table(walk_headers, walk_rows, width=80), ""]
     return out
+
+
+def _format_storage(report: dict[str, Any]) -> list[str]:
+    from worker.output import cell
+
+    rows = report.get("rows") or {}
+    out = ["Rows: " + ", ".join(f"{n} {table}" for table, n in rows.items())]
+    pruned = report.get("last_prune")
+    if pruned is None:
+        return [*out, "Last prune: never"]
+    removed = ", ".join(f"{n} {t}" for t, n in (pruned["deleted"] or {}).items() if n) or "nothing"
+    when = cell(pruned["finished_at"]) if pruned["finished_at"] else "not finished"
+    return [*out, f"Last prune: {when} by {pruned['worker']}: removed {removed}"]
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -693,6 +716,110 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from worker.output import table
+    from worker.retention import prune_once
+    from worker.store import worker_name
+
+    loaded = _config(args)
+    retention = loaded.settings.retention
+    if not retention.configured:
+        print("nothing to prune: no [retention] age is configured (every row is kept)")
+        return 0
+    _ensure_schema(loaded.settings.database.url)
+    report = _run(
+        lambda: _with_store(
+            loaded,
+            lambda store: prune_once(
+                store, retention, worker_name(), dry_run=args.dry_run, vacuum=args.vacuum
+            ),
+        )
+    )
+    verb = "would remove" if report.dry_run else "removed"
+    print(table(("table", verb), [(t, n) for t, n in report.rows.items()]))
+    if report.size_before is not None and report.size_after is not None:
+        freed = (report.size_before - report.size_after) / 1e6
+        print(
+            f"vacuum: {report.size_before / 1e6:.1f} MB -> {report.size_after / 1e6:.1f} MB "
+            f"({freed:.1f} MB reclaimed)"
+        )
+    return 0
+
+
+EVENT_KINDS = (
+    "status_changed",
+    "trace",
+    "comment_added",
+    "comment_removed",
+    "attachment_added",
+    "attachment_removed",
+)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from worker.changes import stream_events
+
+    since = None if args.since is None else _parse_event_id(args.since)
+    systems = [check_system(s) for s in args.systems or ()]
+    kinds = list(args.kinds or ())
+    for kind in kinds:
+        if kind not in EVENT_KINDS:
+            raise InvalidInput(
+                f"unknown event kind {kind[:40]!r}: expected {', '.join(EVENT_KINDS)}"
+            )
+    emit = _print_events_json if args.json else _print_events
+    loaded = _config(args)
+    url = loaded.settings.database.url
+    _ensure_schema(url)
+    kept = _run(
+        lambda: _with_store(
+            loaded,
+            lambda store: stream_events(
+                store, url, since=since, follow=args.follow, systems=systems, kinds=kinds, emit=emit
+            ),
+        )
+    )
+    if not kept:  # the reader went away: not an error of ours
+        _silence_stdout()
+    return 0
+
+
+def _parse_event_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput(
+            f"--since must be an event id (a whole number), not {text[:32]!r}"
+        ) from None
+    if not 0 <= value < 2**63:
+        raise InvalidInput(f"--since {text[:32]!r} is out of range (0 to 2^63-1)")
+    return value
+
+
+def _print_events_json(events: list[dict[str, Any]]) -> None:
+    import orjson
+
+    from worker.output import to_jsonable
+
+    keys = ("id", "system", "task_id", "kind", "occurred_at", "observed_at", "data", "title")
+    out = sys.stdout
+    for e in events:
+        out.write(orjson.dumps(to_jsonable({k: e[k] for k in keys})).decode() + "\n")
+    out.flush()
+
+
+def _print_events(events: list[dict[str, Any]]) -> None:
+    from worker.output import cell
+
+    out = sys.stdout
+    for e in events:
+        out.write(
+            f"{e['id']}  {cell(e['observed_at'])}  {e['system']}  {e['task_id']}  {e['kind']}  "
+            f"{cell(e['data'], 100)}\n"
+        )
+    out.flush()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "migrate": cmd_migrate,
     "track": cmd_track,
@@ -711,4 +838,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "grants": cmd_grants,
     "healthcheck": cmd_healthcheck,
+    "prune": cmd_prune,
+    "events": cmd_events,
 }

@@ -166,6 +166,29 @@ class RetrySettings(_Section):
     max_delay: Duration = 600.0
 
 
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class RetentionSettings(_Section):
+    """What `prune` may delete. Every key optional: an absent age keeps that data forever."""
+
+    snapshots: PositiveDuration | None = None  # a task's newest snapshot is never deleted
+    events: PositiveDuration | None = None
+    actions: PositiveDuration | None = None  # finished ones, with their attempts
+    sync_runs: PositiveDuration | None = None
+    untracked: PositiveDuration | None = None  # untracked this long: the task and all its rows
+    # when `run` prunes; absent: daily at 03:30 UTC, but only once some age above is set
+    schedule: ScheduleField = Schedule(cron="30 3 * * *")
+    batch_size: int = Field(default=2000, ge=1, le=10_000)  # rows per delete transaction
+
+    @property
+    def configured(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.snapshots, self.events, self.actions, self.sync_runs, self.untracked)
+        )
+
+
 class _SystemSettings(_Section):
     base_url: str
     rate_limit: float | None = Field(default=None, gt=0)
@@ -319,6 +342,7 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     worker: WorkerSettings = WorkerSettings()
     retry: RetrySettings = RetrySettings()
+    retention: RetentionSettings = RetentionSettings()
     systems: SystemsSettings = SystemsSettings()
     metrics: MetricsSettings = MetricsSettings()
 

@@ -10,6 +10,7 @@
     actions    ActionRunner passes, then sleep until the next action is due or until woken
                (PostgreSQL: LISTEN tasksync_actions; SQLite: every worker.action_poll_interval)
     listen     (PostgreSQL) the LISTEN connection, reconnecting on its own
+    prune      (when [retention] sets an age) Store.prune on retention.schedule, batch by batch
     status     STATUS= for systemd, and WATCHDOG=1 only while every loop shows progress
 
 Cross-worker coordination is the database's (leases); nothing here assumes it is alone, except
@@ -254,6 +255,7 @@ class Daemon:
         self.stop = anyio.Event()
         self.stop_wake = Wake()
         self.sync_wake, self.discover_wake, self.action_wake = Wake(), Wake(), Wake()
+        self.prune_wake = Wake()  # only the schedule wakes it: no prune at start-up
         self.sync_wake.set()  # a daemon that just started does not wait for the schedule
         self.discover_wake.set()
         self.action_wake.set()
@@ -272,6 +274,8 @@ class Daemon:
                     await tg.start(
                         self._work_loop, "discover", self.discover_wake, self._discover_once
                     )
+                if self.settings.retention.configured:
+                    await tg.start(self._work_loop, "prune", self.prune_wake, self._prune_once)
                 if self.store.is_postgres:
                     self.listener = ActionListener(self.settings.database.url, self.action_wake.set)
                     await tg.start(self.listener.run)
@@ -306,7 +310,13 @@ class Daemon:
         self.stop.set()
         self._stop_scheduler()
         self.store.claiming = False
-        for wake in (self.stop_wake, self.sync_wake, self.discover_wake, self.action_wake):
+        for wake in (
+            self.stop_wake,
+            self.sync_wake,
+            self.discover_wake,
+            self.action_wake,
+            self.prune_wake,
+        ):
             wake.set()
         self.health.stopping = True
         self.notifier.stopping(self.health.text())
@@ -416,6 +426,11 @@ class Daemon:
                 id="discover",
                 **options,
             )
+        if self.settings.retention.configured:
+            retention = self.settings.retention.schedule
+            scheduler.add_job(
+                _fire, _trigger(retention), args=(self.prune_wake,), id="prune", **options
+            )
         scheduler.start()
         self._scheduler = scheduler
         pulse = self._pulse("scheduler")
@@ -488,6 +503,17 @@ class Daemon:
                     self.store, {system: client}, self.worker, progress=lambda _n: pulse.beat()
                 )
                 log.info("discovery: %d listed, %d new", stats.seen, stats.new)
+
+    async def _prune_once(self, pulse: Pulse) -> None:
+        from worker.retention import prune_once  # logs what it removed
+
+        await prune_once(
+            self.store,
+            self.settings.retention,
+            self.worker,
+            progress=pulse.beat,
+            should_stop=self.stop.is_set,
+        )
 
     async def _action_loop(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

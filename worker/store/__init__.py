@@ -15,12 +15,14 @@ from worker.store.engine import (
     redact_url,
     sqlite_path,
 )
+from worker.store.events import EventStore
 from worker.store.reports import ReportStore
+from worker.store.retention import RetentionPolicy, RetentionStore
 from worker.store.tasks import ClaimedTask, PollResult, TaskStore
 from worker.store.upstream import HealthRow, UpstreamStore, WalkRow
 
 
-class Store(TaskStore, ActionStore, ReportStore, UpstreamStore):
+class Store(TaskStore, ActionStore, ReportStore, UpstreamStore, RetentionStore, EventStore):
     """Everything the commands and loops need from the database."""
 
     @classmethod
@@ -35,6 +37,7 @@ __all__ = [
     "Finish",
     "HealthRow",
     "PollResult",
+    "RetentionPolicy",
     "SqliteWorkerLock",
     "Store",
     "WalkRow",

@@ -99,16 +99,16 @@ class ActionStore(StoreBase):
         if requested_by is not None:
             row["requested_by"] = requested_by
         async with self.engine.begin() as conn:
-            await conn.execute(
-                self.insert(tasks).on_conflict_do_nothing(),
-                {"system": system, "task_id": task_id, "first_seen_at": now, "next_poll_at": now},
-            )
             await conn.execute(  # an untracked task is tracked again (the contract's enqueue)
                 tasks.update()
                 .where(
                     tasks.c.system == system, tasks.c.task_id == task_id, sa.not_(tasks.c.tracked)
                 )
                 .values(tracked=True, next_poll_at=now)
+            )
+            await conn.execute(  # after the update: see TaskStore.track (a racing prune)
+                self.insert(tasks).on_conflict_do_nothing(),
+                {"system": system, "task_id": task_id, "first_seen_at": now, "next_poll_at": now},
             )
             insert = self.insert(actions).values(row)
             if key is not None:

@@ -137,9 +137,17 @@ class ActionListener:
     whether it may rely on notifications or must poll.
     """
 
-    def __init__(self, url: str, on_notify: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        on_notify: Callable[[], None],
+        channel: str = CHANNEL,
+        what: str = "queued actions",
+    ) -> None:
         self._dsn = listen_dsn(url)
         self._on_notify = on_notify
+        # `tasksync events --follow` listens on tasksync_events with the same machinery
+        self.channel, self.what = channel, what
         self.connected = False
 
     def _notified(self, *_args: Any) -> None:
@@ -167,7 +175,9 @@ class ActionListener:
                 failures += 1
                 if failures == 1:
                     log.warning(
-                        "LISTEN %s: %s; polling until it is back", CHANNEL, describe_outage(exc)
+                        "LISTEN %s: %s; polling until it is back",
+                        self.channel,
+                        describe_outage(exc),
                     )
                 delay = min(MAX_RECONNECT_DELAY, 2.0 ** min(failures - 1, 10))
             else:
@@ -190,9 +200,9 @@ class ActionListener:
         lost = anyio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
-            await conn.add_listener(CHANNEL, self._notified)
+            await conn.add_listener(self.channel, self._notified)
             self.connected = True
-            log.info("listening for queued actions (LISTEN %s)", CHANNEL)
+            log.info("listening for %s (LISTEN %s)", self.what, self.channel)
             self._on_notify()  # whatever was queued while nobody listened
             listening()
             while not lost.is_set():
@@ -201,7 +211,7 @@ class ActionListener:
                 if not lost.is_set():
                     with anyio.fail_after(CONNECT_TIMEOUT):
                         await conn.execute("SELECT 1")
-            log.warning("LISTEN %s: the connection was closed; reconnecting", CHANNEL)
+            log.warning("LISTEN %s: the connection was closed; reconnecting", self.channel)
         finally:
             if self.connected:  # the action loop must learn to poll until we are back
                 self.connected = False

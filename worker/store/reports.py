@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from worker.store.base import StoreBase, as_dict, utcnow
+from worker.store.retention import last_prune, table_rows
 from worker.store.schema import actions, sync_runs, task_events, task_snapshots, tasks
 
 
@@ -76,6 +77,8 @@ class ReportStore(StoreBase):
                     .limit(failing_limit)
                 )
             ).all()
+            rows_per_table = await table_rows(conn)
+            pruned = await last_prune(conn)
         systems: dict[str, dict[str, int]] = {}
         for system, state, count in by_state:
             systems.setdefault(system, {})[state] = int(count)
@@ -85,6 +88,8 @@ class ReportStore(StoreBase):
             "actions": {status: int(count) for status, count in queue},
             "runs": [as_dict(r) for r in runs],
             "failing": [as_dict(r) for r in failing],
+            "rows": rows_per_table,
+            "last_prune": pruned,
         }
 
     async def show_task(self, system: str, task_id: str, limit: int = 200) -> dict[str, Any] | None:

@@ -107,6 +107,7 @@ tasks = sa.Table(
     sa.Column("not_found", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("lease_owner", sa.String(255)),
     _ts("lease_until"),
+    _ts("untracked_at"),  # retention.untracked counts from here (revision 0003)
     sa.UniqueConstraint("system", "task_id"),
     sa.Index(None, "tracked", "next_poll_at"),
 )
@@ -124,6 +125,7 @@ task_snapshots = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("payload", Json, nullable=False),
     sa.UniqueConstraint("system", "task_id", "seq"),
+    sa.Index(None, "fetched_at"),  # retention.snapshots (revision 0003)
 )
 
 task_events = sa.Table(
@@ -174,6 +176,7 @@ actions = sa.Table(
     ),
     sa.Index(None, "status", "next_attempt_at"),
     sa.Index(None, "system", "task_id", "id"),
+    sa.Index(None, "finished_at"),  # retention.actions (revision 0003)
 )
 
 action_attempts = sa.Table(
@@ -202,6 +205,18 @@ sync_runs = sa.Table(
     sa.Column("changed", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("failed", sa.Integer(), nullable=False, server_default="0"),
     sa.Column("discovered", sa.Integer(), nullable=False, server_default="0"),
+    sa.Index(None, "started_at"),  # retention.sync_runs (revision 0003)
+)
+
+# One row per `prune` that deleted (dry runs are not recorded): `status` shows the last one.
+prune_runs = sa.Table(
+    "prune_runs",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("worker", sa.String(255), nullable=False),
+    _ts("started_at", default=True, nullable=False),
+    _ts("finished_at"),
+    sa.Column("deleted", Json, nullable=False),  # {"task_snapshots": 120, ...}
 )
 
 # What each worker's rate control and circuit breaker looked like at the end of its newest

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from worker.model import JSON, Event, System
 from worker.store.base import StoreBase, utcnow
+from worker.store.events import lock_event_order, notify_events
 from worker.store.schema import UTCDateTime, task_events, task_snapshots, tasks
 
 
@@ -63,17 +64,19 @@ class TaskStore(StoreBase):
                 .select_from(tasks)
                 .where(tasks.c.system == system, tasks.c.task_id.in_(ids), tasks.c.tracked)
             )
+            # update before insert: a prune deleting one of these untracked tasks holds its
+            # row, so the update waits, finds it gone, and the insert below brings it back
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.system == system, tasks.c.task_id.in_(ids), sa.not_(tasks.c.tracked))
+                .values(tracked=True, next_poll_at=now, not_found=False)
+            )
             await conn.execute(
                 self.insert(tasks).on_conflict_do_nothing(),
                 [
                     {"system": system, "task_id": t, "first_seen_at": now, "next_poll_at": now}
                     for t in ids
                 ],
-            )
-            await conn.execute(
-                tasks.update()
-                .where(tasks.c.system == system, tasks.c.task_id.in_(ids), sa.not_(tasks.c.tracked))
-                .values(tracked=True, next_poll_at=now, not_found=False)
             )
         return len(ids) - int(before or 0)
 
@@ -100,7 +103,7 @@ class TaskStore(StoreBase):
             result = await conn.execute(
                 tasks.update()
                 .where(tasks.c.system == system, tasks.c.task_id.in_(ids), tasks.c.tracked)
-                .values(tracked=False, lease_owner=None, lease_until=None)
+                .values(tracked=False, lease_owner=None, lease_until=None, untracked_at=utcnow())
             )
         return int(result.rowcount)
 
@@ -198,6 +201,8 @@ class TaskStore(StoreBase):
         was frozen past its lease must not store a snapshot over the one of the worker that
         took the task over (its older content would take the next sequence number)."""
         async with self.engine.begin() as conn:
+            if self.is_postgres and any(r.events for r in results if r.changed):
+                await lock_event_order(conn)  # first: ids in commit order (store/events.py)
             owned = await self._still_owned(conn, worker, [r.task for r in results if r.changed])
             await self._write(
                 conn, worker, [r for r in results if not r.changed or r.task.id in owned]
@@ -293,7 +298,12 @@ class TaskStore(StoreBase):
         release = {"lease_owner": None, "lease_until": None}
         if snapshots:
             await conn.execute(self.insert(task_snapshots).on_conflict_do_nothing(), snapshots)
-        if events:
+        if events and self.is_postgres:
+            insert = self.insert(task_events).on_conflict_do_nothing().returning(task_events.c.id)
+            new_ids = (await conn.scalars(insert, events)).all()
+            if new_ids:  # one NOTIFY per transaction that stored events
+                await notify_events(conn, max(new_ids))
+        elif events:
             await conn.execute(self.insert(task_events).on_conflict_do_nothing(), events)
         if changed:
             await conn.execute(
