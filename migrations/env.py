@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from worker.store.engine import create_engine
+from worker.store.engine import async_url, create_engine, sqlite_path
 from worker.store.schema import UTCDateTime, metadata
 
 config = context.config
@@ -31,7 +35,26 @@ def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[Fa
     return False
 
 
+# Two processes may migrate one database at once (a fresh one is migrated on first use): the
+# second waits for the first and then finds the schema at head, instead of running a revision
+# the first already ran ("duplicate column name").
+MIGRATION_LOCK = 7_270_726_001  # pg_advisory_xact_lock key
+
+
+@contextmanager
+def _sqlite_lock(url: str) -> Iterator[None]:
+    path = sqlite_path(async_url(url))
+    if path is None:
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def _run(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
     context.configure(
         connection=connection,
         target_metadata=metadata,
@@ -44,7 +67,13 @@ def _run(connection: Connection) -> None:
 
 
 async def _main() -> None:
-    engine = create_engine(_url(), pool_size=1)
+    url = _url()
+    with _sqlite_lock(url):
+        await _migrate(url)
+
+
+async def _migrate(url: str) -> None:
+    engine = create_engine(url, pool_size=1)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -113,15 +113,14 @@ def test_two_workers_start_from_their_share_and_cut_once_per_window() -> None:
     assert rate.rate == pytest.approx(14.0 + 0.02 * HEADROOM * 40)
 
 
-def test_a_429_far_below_the_stated_limit_is_not_ours() -> None:
+def test_a_worker_that_got_nothing_through_starts_slow() -> None:
     clock = Clock()
     rate = RateControl(clock=clock)
-    for _ in range(5):
-        rate.reserve()
-        rate.accepted(clock.now)
-    rate.throttled_by(Policy(200, 1.0), None)  # 5 of 200: another client, or a fluke
-    assert rate.rate is None and rate.policy is None
-    assert rate.reserve() == (0.0, True)
+    rate.reserve()
+    rate.throttled_by(Policy(40, 1.0), None)  # another worker had spent the window already
+    assert rate.rate == pytest.approx(0.05 * HEADROOM * 40)  # the floor, then additive growth
+    wait, final = rate.reserve()  # type: ignore[misc]
+    assert not final and wait == pytest.approx(1.0)
 
 
 def test_a_429_without_a_limit_pauses_for_retry_after_or_a_second() -> None:

@@ -3,19 +3,22 @@ dry runs change nothing; big prunes beside a sync cycle and an apply pass; two p
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
 import sqlalchemy as sa
 
 from tests.support.cli import run_cli
-from tests.support.db import Database, count
+from tests.support.db import Database, count, rows
 from tests.support.sandbox import clients, settings_for, track_all
 from worker.actions import ActionRunner
 from worker.sandbox import Sandbox
@@ -494,7 +497,11 @@ async def test_daemon_prunes_on_its_schedule(
 ) -> None:
     now = utcnow()
     await _seed(store, now)
+    with socket.socket() as probe:  # a free port for the metrics listener
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     config = _config(tmp_path, database, 'sync_runs = "30d"\nschedule = "1s"')
+    config.write_text(config.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSYNC_")}
     async with await anyio.open_process(
         [sys.executable, "-m", "worker", "--config", str(config), "run"], env=env
@@ -503,6 +510,21 @@ async def test_daemon_prunes_on_its_schedule(
             with anyio.fail_after(30):
                 while not await count(store, "prune_runs", "finished_at IS NOT NULL"):
                     await anyio.sleep(0.2)
+            # the rows it removed, as a metric
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/metrics") as answer,
+            ):
+                text = await answer.text()
+            [run] = await rows(
+                store, "SELECT deleted FROM prune_runs WHERE finished_at IS NOT NULL"
+            )
+            deleted = run["deleted"]
+            removed = (json.loads(deleted) if isinstance(deleted, str) else deleted)["sync_runs"]
+            wanted = f'tasksync_pruned_rows_total{{table="sync_runs"}} {float(removed)}'
+            assert removed > 0 and wanted in text, [
+                line for line in text.splitlines() if "pruned" in line
+            ]
         finally:
             proc.send_signal(signal.SIGTERM)
             with anyio.fail_after(30):

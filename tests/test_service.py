@@ -504,8 +504,12 @@ def test_triggers_and_test_hooks() -> None:
     assert "cron" in type(_trigger(Schedule(cron="*/5 * * * *"))).__name__.lower()
     assert _trigger(Schedule(interval=30)).interval.total_seconds() == 30
     assert Hooks.from_environ({}).wedge is None
-    assert Hooks.from_environ({"TASKSYNC_TEST_WEDGE": "actions:2.5"}).wedge == ("actions", 2.5)
-    assert Hooks.from_environ({"TASKSYNC_TEST_WEDGE": "sync"}).wedge == ("sync", 0.0)
+    assert Hooks.from_environ({"TASKSYNC_TEST_WEDGE": "actions:2.5"}).wedge == (
+        "actions",
+        2.5,
+        None,
+    )
+    assert Hooks.from_environ({"TASKSYNC_TEST_WEDGE": "sync"}).wedge == ("sync", 0.0, None)
     assert Hooks.from_environ({"TASKSYNC_TEST_CRASH_AT": "after-answer"}).crash_at == "after-answer"
 
 

@@ -133,6 +133,12 @@ class Recorder:
             ["kind"],
             registry=r,
         )
+        self.pruned = pc.Counter(
+            "tasksync_pruned_rows_total",
+            "rows deleted by retention, per table",
+            ["table"],
+            registry=r,
+        )
         self.database_up = pc.Gauge(
             "tasksync_database_up", "1 when the last database call succeeded", registry=r
         )
@@ -372,6 +378,13 @@ def observe_cycle(kind: str, started: float) -> None:
     """A cycle that began at `started` (time.monotonic()) has ended."""
     if _recorder is not None:
         _recorder.cycle_ended(kind, time.monotonic() - started)
+
+
+def observe_pruned(rows: Mapping[str, int]) -> None:
+    """What one prune of this process deleted, per table."""
+    if _recorder is not None:
+        for table, count in rows.items():
+            _recorder.pruned.labels(table).inc(count)
 
 
 def observe_database(up: bool) -> None:

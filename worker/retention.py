@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker.config import RetentionSettings
+from worker.metrics import observe_pruned
 from worker.store import RetentionPolicy, Store
 
 log = logging.getLogger("worker.retention")
@@ -62,6 +63,7 @@ async def prune_once(
         after = await store.database_size()
     report = PruneReport(rows, dry_run, time.monotonic() - started, before, after)
     if not dry_run:
+        observe_pruned(rows)
         removed = ", ".join(f"{n} {table}" for table, n in rows.items() if n) or "nothing"
         log.info("prune: removed %s in %.1fs", removed, report.seconds)
     return report

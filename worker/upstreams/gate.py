@@ -192,12 +192,6 @@ class RateControl:
                 self._pause(now, 1.0)
             return
         if policy is not None:
-            span = min(policy.window, 60.0)
-            used = self._recent(now, span)
-            if self.policy is None and used * 10 < policy.limit * span / policy.window:
-                # This process used under a tenth of the stated limit: the 429 is not its
-                # doing (another client of the credential, or a fluke). Retry as usual.
-                return
             self.policy = policy
         assert self.policy is not None
         window = self.policy.window
