@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -94,6 +94,16 @@ class Answer:
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
+
+
+class _Received(NamedTuple):
+    """What came back, before the body is judged (`HttpClient._answer`)."""
+
+    status: int
+    headers: Mapping[str, str]
+    raw: bytes
+    problem: str | None  # the body could not be read whole
+    content_type: str
 
 
 class _BodyProblem(Exception):
@@ -349,28 +359,29 @@ class HttpClient:
             ) from None
         try:
             if self._in_flight is None:
-                answer = await self._send_once(method, url, task_id, write, headers, body)
+                got = await self._send_once(method, url, task_id, write, headers, body)
             else:
                 async with self._in_flight:
-                    answer = await self._send_once(method, url, task_id, write, headers, body)
+                    got = await self._send_once(method, url, task_id, write, headers, body)
         except UpstreamError as exc:
+            # transport failures only: an answer the system gave, however garbled, says it is up
             outage = exc.http_status is None and exc.kind in (ErrorKind.RETRY, ErrorKind.UNKNOWN)
             self.breaker.record(up=not outage, probe=probe, failure=exc.detail)
             raise
         except BaseException:
             self.breaker.cancelled(probe=probe)
             raise
-        status = answer.status
-        if status == 429:
+        if got.status == 429:
+            answer = self._answer(got, task_id, write)  # not 2xx: never raises
             _, message = gateway_fields(answer.data)
             self.rate.throttled_by(
                 parse_policy(message), parse_retry_after(answer.headers.get("Retry-After"))
             )
             self.breaker.record(up=True, probe=probe)
-        else:
-            self.rate.accepted(sent_at)
-            self.breaker.record(up=status < 500, probe=probe, failure=f"HTTP {status}")
-        return answer
+            return answer
+        self.rate.accepted(sent_at)
+        self.breaker.record(up=got.status < 500, probe=probe, failure=f"HTTP {got.status}")
+        return self._answer(got, task_id, write)
 
     async def _send_once(
         self,
@@ -380,7 +391,7 @@ class HttpClient:
         write: bool,
         headers: Mapping[str, str],
         body: bytes | None,
-    ) -> Answer:
+    ) -> _Received:
         session = self._session(write)
         attempt = _WriteAttempt() if write else None
         extra: dict[str, Any] = {}
@@ -423,7 +434,7 @@ class HttpClient:
             if code is not None:
                 observe_request(self.system, code, time.perf_counter() - started)
         self._log(method, url, status, started)
-        return self._answer(status, answer_headers, raw, problem, content_type, task_id, write)
+        return _Received(status, answer_headers, raw, problem, content_type)
 
     def _log(self, method: str, url: str, outcome: object, started: float) -> None:
         # Method, path, status and time only: headers carry credentials and are never logged.
@@ -437,16 +448,8 @@ class HttpClient:
                 (time.perf_counter() - started) * 1000,
             )
 
-    def _answer(
-        self,
-        status: int,
-        headers: Mapping[str, str],
-        raw: bytes,
-        problem: str | None,
-        content_type: str,
-        task_id: str | None,
-        write: bool,
-    ) -> Answer:
+    def _answer(self, got: _Received, task_id: str | None, write: bool) -> Answer:
+        status, headers, raw, problem, content_type = got
         ok = 200 <= status < 300
         described = f"{one_line(content_type, 60)}, {len(raw)} bytes"
         if problem is not None:
