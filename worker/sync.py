@@ -50,7 +50,6 @@ class CycleStats:
     failed: int = 0
     deferred: int = 0
     run_id: int | None = None
-    errors: dict[str, int] = field(default_factory=dict)
     # (system, error class) -> (count, one example): one log line each at the end of a cycle
     problems: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
 
@@ -62,8 +61,6 @@ class CycleStats:
             self.polled += 1
             if r.error is not None:
                 self.failed += 1
-                system = r.task.system
-                self.errors[system] = self.errors.get(system, 0) + 1
             elif r.changed:
                 self.changed += 1
 
