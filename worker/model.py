@@ -6,7 +6,7 @@ Nothing here does I/O; everything is plain data that tests can build by hand.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -29,7 +29,10 @@ class State(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (State.DONE, State.FAILED, State.CANCELED)
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({State.DONE, State.FAILED, State.CANCELED})
 
 
 class EventKind(enum.StrEnum):
@@ -99,7 +102,13 @@ class Fetched:
     task_id: str
     payload: Mapping[str, JSON]
     content_hash: str
-    observation: Observation
+    observe: Callable[[Mapping[str, JSON]], Observation] = field(repr=False, compare=False)
+
+    @property
+    def observation(self) -> Observation:
+        """What the payload says. Derived on use: a poll whose content hash is unchanged
+        never needs it (the task row keeps its state), and that is most polls."""
+        return self.observe(self.payload)
 
 
 @dataclass(frozen=True, slots=True)

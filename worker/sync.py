@@ -33,7 +33,7 @@ from worker.backoff import poll_delay
 from worker.config import Settings
 from worker.diff import diff
 from worker.metrics import observe_cycle, observe_polls
-from worker.model import Fetched, System
+from worker.model import TERMINAL_STATES, Fetched, System
 from worker.store import ClaimedTask, HealthRow, PollResult, Store, WalkRow, utcnow
 from worker.upstreams.base import ErrorKind, Health, Upstream, UpstreamError, Walk
 
@@ -348,11 +348,15 @@ class SyncCycle:
                 error=str(answer),
                 not_found=answer.kind is ErrorKind.NOT_FOUND,
             )
+        if answer.content_hash == task.content_hash:
+            # unchanged: the stored state says how soon to look again (no observation needed)
+            interval = (
+                cfg.terminal_poll_interval if task.state in TERMINAL_STATES else cfg.poll_interval
+            )
+            return PollResult(task, now, now + timedelta(seconds=interval))
         observation = answer.observation
         interval = cfg.terminal_poll_interval if observation.state.terminal else cfg.poll_interval
         result = PollResult(task, now, now + timedelta(seconds=interval))
-        if answer.content_hash == task.content_hash:
-            return result
         upstream = self.upstreams[task.system]
         before = None
         if isinstance(previous_payload, Mapping):

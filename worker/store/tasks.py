@@ -24,6 +24,7 @@ class ClaimedTask:
     snapshot_seq: int
     consecutive_failures: int
     seen_next_poll_at: datetime  # at the claim: a re-poll set while we hold the task wins
+    state: str | None = None  # of the stored snapshot: an unchanged poll keeps it
 
 
 @dataclass(slots=True)
@@ -149,13 +150,14 @@ class TaskStore(StoreBase):
                 tasks.c.snapshot_seq,
                 tasks.c.consecutive_failures,
                 tasks.c.next_poll_at,
+                tasks.c.state,
             )
         )
         async with self.engine.begin() as conn:
             rows = (await conn.execute(statement)).all()
         chosen: dict[str, System] = {s: s for s in systems}  # the claim filtered on them
         claimed = [
-            ClaimedTask(int(r[0]), chosen[r[1]], str(r[2]), r[3], int(r[4]), int(r[5]), r[6])
+            ClaimedTask(int(r[0]), chosen[r[1]], str(r[2]), r[3], int(r[4]), int(r[5]), r[6], r[7])
             for r in rows
         ]
         return sorted(claimed, key=lambda t: t.id)

@@ -8,7 +8,6 @@ token/auth/expired, triggers one shared token renewal and one retry.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping
 from functools import partial
@@ -26,6 +25,7 @@ from worker.upstreams.envelope import as_text, code_and_message, type_name
 from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
 from worker.upstreams.paging import read_page
 from worker.upstreams.tokens import Token, TokenCache
+from worker.upstreams.transport import Slots
 
 TOKEN_PATH = "/baas/auth/v1.0/oauth2/token"  # noqa: S105 (a path, not a password)
 TASK_PATH = "/service/AICC__Case/1.0.0/openapi/task"
@@ -81,7 +81,7 @@ class AiccClient:
         settings: AiccSettings,
         *,
         connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
-        in_flight: asyncio.Semaphore | None = None,
+        in_flight: Slots | None = None,
         page_delay: float = 0.5,
     ) -> None:
         self._settings = settings
@@ -131,7 +131,7 @@ class AiccClient:
                 task_id=task_id,
                 write=False,
             )
-        return Fetched("aicc", task_id, result, content_hash(result), observe_aicc(result))
+        return Fetched("aicc", task_id, result, content_hash(result), observe_aicc)
 
     async def apply(self, task_id: str, kind: str, params: Mapping[str, str]) -> Mapping[str, JSON]:
         if kind != "process":

@@ -19,35 +19,29 @@ Failure classes (`ErrorKind`), decided here once for all three systems:
 | other HTTP 4xx, business error codes                   | PERMANENT     | PERMANENT     |
 
 "read" is GET and AICC's list POST; "write" is AICC process (POST) and SecMaster UpdateTask (PUT).
-(1) Nothing was sent: "sent" is tracked per request with aiohttp's on_request_headers_sent.
+(1) Nothing was sent: the connection was never made (transport.ConnectError).
 (2) A read changed nothing, and the poller already backs off a failing task; an operator who
 sees the message can raise `max_body_bytes`. Failing it PERMANENT would buy nothing.
 (3) `deferred`: nothing was sent. A poll leaves its task due; an action waits `retry_after`.
 
-Writes go through their own session with `force_close=True` *and* a per-request middleware that
-refuses a second send. Both are needed: aiohttp 3.14 re-sends PUT/DELETE by itself after
-`ServerDisconnectedError` or `ClientOSError` on *any* connection, fresh ones included
-(`_retry_connection` in aiohttp/client.py does not look at whether the connection was reused),
-so `force_close` alone still lets a PUT reach the server twice (tests/test_upstreams.py shows
-both). `force_close` still matters: without it a write could go out on a pooled connection that
-the server already closed and come back UNKNOWN when nothing was applied.
+The wire is `transport.py`'s: reads on kept-alive connections, each write on a new connection
+of its own, and no request ever sent twice by the transport (aiohttp's client, used before,
+re-sends a dropped PUT by itself; docs/upstream.md). A read that finds its kept-alive
+connection closed by the server before any answer goes once more on a new one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
+from urllib.parse import urlsplit
 
-import aiohttp
 import anyio
 import orjson
-from yarl import URL
 
 from worker.metrics import observe_request
 from worker.model import JSON, System
@@ -57,6 +51,14 @@ from worker.upstreams.base import ErrorKind, Health, UpstreamError
 from worker.upstreams.envelope import auth_like, gateway_fields, parse_retry_after
 from worker.upstreams.gate import CircuitBreaker, CircuitOpen, RateControl, parse_policy
 from worker.upstreams.signing import encode_query
+from worker.upstreams.transport import (
+    ConnectError,
+    Origin,
+    Pool,
+    Slots,
+    TransportError,
+    split_url,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,48 +108,6 @@ class _Received(NamedTuple):
     content_type: str
 
 
-class _BodyProblem(Exception):
-    """The body could not be read whole (too large, cut off, timed out)."""
-
-
-class _ResendRefused(aiohttp.ClientError):
-    """aiohttp tried to send a write a second time on its own; the guard refused."""
-
-
-class _WriteAttempt:
-    """Per write request: was anything sent yet, and refuse aiohttp's silent second send."""
-
-    __slots__ = ("sends", "sent")
-
-    def __init__(self) -> None:
-        self.sent = False
-        self.sends = 0
-
-    async def guard(
-        self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
-    ) -> aiohttp.ClientResponse:
-        if self.sends:
-            raise _ResendRefused("connection lost after the request was sent")
-        self.sends += 1
-        return await handler(request)
-
-
-async def _on_headers_sent(
-    session: aiohttp.ClientSession,
-    context: SimpleNamespace,
-    params: aiohttp.TraceRequestHeadersSentParams,
-) -> None:
-    attempt = getattr(context, "trace_request_ctx", None)
-    if isinstance(attempt, _WriteAttempt):
-        attempt.sent = True
-
-
-def _write_trace() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    trace.on_request_headers_sent.append(_on_headers_sent)
-    return trace
-
-
 class HttpClient:
     """One system's HTTP: a keep-alive session for reads, a never-reused one for writes.
 
@@ -167,7 +127,7 @@ class HttpClient:
         ca_file: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
-        in_flight: asyncio.Semaphore | None = None,
+        in_flight: Slots | None = None,
     ) -> None:
         self.system: System = system
         self.base_url = base_url.rstrip("/")
@@ -179,12 +139,15 @@ class HttpClient:
         # Shared by every system's client: worker.concurrency requests in flight in all.
         self._in_flight = in_flight
         self._ca_file = ca_file
-        self._client_timeout = aiohttp.ClientTimeout(
-            total=timeout, connect=min(connect_timeout, timeout)
-        )
+        self._connect_timeout = min(connect_timeout, timeout)
         self._connector_limit = connector_limit
-        self._reads: aiohttp.ClientSession | None = None
-        self._writes: aiohttp.ClientSession | None = None
+        self._pools: dict[tuple[Origin, bool], Pool] = {}
+        # URLs are built from base_url: its scheme://host:port prefix is split off without
+        # parsing each time (split_url is the fallback, e.g. for SecMaster's IAM endpoint).
+        self._base_origin, _ = split_url(self.base_url)
+        slash = self.base_url.find("/", self.base_url.find("://") + 3)
+        self._prefix = self.base_url if slash < 0 else self.base_url[:slash]
+        self._tls: ssl.SSLContext | None = None
 
     def health(self) -> Health:
         state = self.rate.state()
@@ -392,38 +355,31 @@ class HttpClient:
         headers: Mapping[str, str],
         body: bytes | None,
     ) -> _Received:
-        session = self._session(write)
-        attempt = _WriteAttempt() if write else None
-        extra: dict[str, Any] = {}
-        if attempt is not None:
-            extra = {"trace_request_ctx": attempt, "middlewares": (attempt.guard,)}
         started = time.perf_counter()
         code: int | str | None = "error"  # metrics: a transport failure unless a status came
+        target = url
         try:
-            async with session.request(
+            pool, target = self._pool(url, write)
+            sent_headers = list(headers.items())
+            if "Accept" not in headers:
+                sent_headers.append(("Accept", "application/json"))
+            response = await pool.request(
                 method,
-                URL(url, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                **extra,
-            ) as response:
-                code = response.status
-                if 300 <= response.status < 400:
-                    raise self._redirect(response, task_id)
-                try:
-                    raw = await self._read(response)
-                    problem = None
-                except _BodyProblem as exc:
-                    raw, problem = b"", str(exc)
-                status, answer_headers = response.status, response.headers
-                content_type = response.headers.get("Content-Type", "no content type")
-        except UpstreamError:
-            raise
-        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
-            sent = attempt is None or attempt.sent or isinstance(exc, _ResendRefused)
-            error = self._transport_error(exc, task_id=task_id, write=write, sent=sent)
-            self._log(method, url, f"failed ({error.kind})", started)
+                target,
+                sent_headers,
+                body,
+                time_limit=self.timeout,
+                cap=self.max_body_bytes,
+            )
+            code = response.status
+        except ConnectError as exc:
+            # Nothing left this process: safe to retry for reads and writes alike.
+            reason = "TLS certificate not trusted" if exc.certificate else "cannot connect"
+            self._log(method, target, "failed (cannot connect)", started)
+            raise self.error(ErrorKind.RETRY, f"{reason}: {exc}", task_id=task_id) from None
+        except TransportError as exc:
+            error = self._lost(str(exc), task_id=task_id, write=write, sent=exc.sent)
+            self._log(method, target, f"failed ({error.kind})", started)
             raise error from None
         except ValueError as exc:  # e.g. a header value with a newline: nothing was sent
             code = None
@@ -433,17 +389,40 @@ class HttpClient:
         finally:
             if code is not None:
                 observe_request(self.system, code, time.perf_counter() - started)
-        self._log(method, url, status, started)
-        return _Received(status, answer_headers, raw, problem, content_type)
+        if 300 <= response.status < 400:
+            raise self._redirect(response.status, response.headers.get("Location"), task_id)
+        self._log(method, target, response.status, started)
+        content_type = response.headers.get("Content-Type") or "no content type"
+        return _Received(
+            response.status, response.headers, response.body, response.problem, content_type
+        )
 
-    def _log(self, method: str, url: str, outcome: object, started: float) -> None:
+    def _pool(self, url: str, write: bool) -> tuple[Pool, str]:
+        """The pool for the URL's origin (one for reads, one for writes), and the target."""
+        prefix = self._prefix
+        if url.startswith(prefix) and url[len(prefix) : len(prefix) + 1] in ("/", "?", ""):
+            origin, target = self._base_origin, url[len(prefix) :] or "/"
+        else:
+            origin, target = split_url(url)
+        pool = self._pools.get((origin, write))
+        if pool is None:
+            pool = self._pools[(origin, write)] = Pool(
+                origin,
+                limit=self._connector_limit,
+                connect_timeout=self._connect_timeout,
+                ssl_context=self._ssl() if origin.scheme == "https" else None,
+                keep_alive=not write,
+            )
+        return pool, target
+
+    def _log(self, method: str, target: str, outcome: object, started: float) -> None:
         # Method, path, status and time only: headers carry credentials and are never logged.
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s %s %s -> %s in %.1f ms",
                 self.system,
                 method,
-                self.redact(URL(url, encoded=True).raw_path_qs),
+                self.redact(target),
                 outcome,
                 (time.perf_counter() - started) * 1000,
             )
@@ -480,62 +459,21 @@ class HttpClient:
             )
         return Answer(status, headers, data, is_json, described)
 
-    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
-        cap = self.max_body_bytes
-        length = response.content_length
-        if length is not None and length > cap:
-            raise _BodyProblem(f"answer of {length} bytes exceeds the {cap}-byte limit")
-        chunks: list[bytes] = []
-        size = 0
-        of = f" of {length}" if length is not None else ""
+    def _redirect(self, status: int, location: str | None, task_id: str | None) -> UpstreamError:
         try:
-            while chunk := await response.content.readany():
-                size += len(chunk)
-                if size > cap:
-                    raise _BodyProblem(f"answer exceeds the {cap}-byte limit")
-                chunks.append(chunk)
-        except aiohttp.ClientPayloadError:
-            raise _BodyProblem(f"answer cut off after {size}{of} bytes") from None
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            raise _BodyProblem(f"connection lost after {size}{of} bytes of the answer") from None
-        except TimeoutError:
-            raise _BodyProblem(f"no complete answer within {self.timeout:g}s") from None
-        return b"".join(chunks)
-
-    def _redirect(self, response: aiohttp.ClientResponse, task_id: str | None) -> UpstreamError:
-        location = response.headers.get("Location", "")
-        try:
-            host = URL(location).host or URL(self.base_url).host
+            host = urlsplit(location or "").hostname or self._base_origin.host
         except ValueError:
             host = None
         return self.error(
             ErrorKind.PERMANENT,
-            f"HTTP {response.status} redirect to {host or 'an unparsable location'}; "
+            f"HTTP {status} redirect to {host or 'an unparsable location'}; "
             "redirects are never followed: check base_url",
             task_id=task_id,
-            http_status=response.status,
+            http_status=status,
         )
 
-    def _transport_error(
-        self, exc: BaseException, *, task_id: str | None, write: bool, sent: bool
-    ) -> UpstreamError:
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            return self.error(
-                ErrorKind.RETRY, f"TLS certificate not trusted: {exc}", task_id=task_id
-            )
-        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-            # Nothing left this process: safe to retry for reads and writes alike.
-            return self.error(ErrorKind.RETRY, f"cannot connect: {exc}", task_id=task_id)
-        if isinstance(exc, _ResendRefused):
-            cause = "connection lost after the request was sent (not re-sent)"
-        elif isinstance(exc, TimeoutError):
-            cause = f"no answer within {self.timeout:g}s"
-        elif isinstance(exc, aiohttp.ServerDisconnectedError):
-            cause = "server closed the connection without answering"
-        elif isinstance(exc, aiohttp.ClientPayloadError):
-            cause = f"answer cut off: {exc}"
-        else:
-            cause = f"{type(exc).__name__}: {exc}"
+    def _lost(self, cause: str, *, task_id: str | None, write: bool, sent: bool) -> UpstreamError:
+        """A request that left (or may have) and got no whole answer head."""
         kind = ErrorKind.UNKNOWN if write and sent else ErrorKind.RETRY
         if kind is ErrorKind.UNKNOWN:
             cause += "; the write may have been applied"
@@ -543,38 +481,19 @@ class HttpClient:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def _ssl(self) -> ssl.SSLContext | bool:
-        if self._ca_file is None:
-            return True  # aiohttp's default context: system CAs, verification on
-        context = ssl.create_default_context()
-        context.load_verify_locations(cafile=self._ca_file)  # in addition to the system CAs
-        return context
-
-    def _session(self, write: bool) -> aiohttp.ClientSession:
-        if write:
-            if self._writes is None:
-                self._writes = self._new_session(force_close=True)
-            return self._writes
-        if self._reads is None:
-            self._reads = self._new_session(force_close=False)
-        return self._reads
-
-    def _new_session(self, *, force_close: bool) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=self._connector_limit, force_close=force_close, ssl=self._ssl()
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._client_timeout,
-            trace_configs=[_write_trace()] if force_close else None,
-            headers={"Accept": "application/json"},
-        )
+    def _ssl(self) -> ssl.SSLContext:
+        if self._tls is None:
+            context = ssl.create_default_context()  # system CAs, verification on
+            if self._ca_file is not None:
+                context.load_verify_locations(cafile=self._ca_file)  # in addition to them
+            self._tls = context
+        return self._tls
 
     async def aclose(self) -> None:
-        sessions = [s for s in (self._reads, self._writes) if s is not None]
-        self._reads = self._writes = None
-        for session in sessions:
-            await session.close()
+        pools = list(self._pools.values())
+        self._pools.clear()
+        for pool in pools:
+            await pool.aclose()
 
 
 def _holds_nul(value: object) -> bool:

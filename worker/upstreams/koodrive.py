@@ -11,7 +11,6 @@ refusal it is re-read once from `$CREDENTIALS_DIRECTORY/koodrive_token` (systemd
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from worker.upstreams.base import ErrorKind, Health, UpstreamError, Walk, reword
 from worker.upstreams.envelope import as_text, code_and_message, type_name
 from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
 from worker.upstreams.signing import sign_app
+from worker.upstreams.transport import Slots
 
 TASK_PATH = "/koodrive/ose/v1/task"
 NOT_FOUND_CODES = frozenset({"13000309"})  # resource does not exist
@@ -63,7 +63,7 @@ class KooDriveClient:
         *,
         connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
         token_file: Path | None = None,
-        in_flight: asyncio.Semaphore | None = None,
+        in_flight: Slots | None = None,
     ) -> None:
         self._settings = settings
         self._http = HttpClient(
@@ -107,7 +107,7 @@ class KooDriveClient:
                     task_id=task_id,
                     write=False,
                 )
-        return Fetched("koodrive", task_id, data, content_hash(data), observe_koodrive(data))
+        return Fetched("koodrive", task_id, data, content_hash(data), observe_koodrive)
 
     async def apply(self, task_id: str, kind: str, params: Mapping[str, str]) -> Mapping[str, JSON]:
         raise self._http.error(

@@ -11,7 +11,6 @@ wrong type, not success). The SDK models every envelope field as optional, so an
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -33,6 +32,7 @@ from worker.upstreams.http import DEFAULT_CONNECTOR_LIMIT, Answer, HttpClient
 from worker.upstreams.paging import read_page
 from worker.upstreams.signing import sign_sdk
 from worker.upstreams.tokens import Token, TokenCache
+from worker.upstreams.transport import Slots
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class SecMasterClient:
         settings: SecMasterSettings,
         *,
         connector_limit: int = DEFAULT_CONNECTOR_LIMIT,
-        in_flight: asyncio.Semaphore | None = None,
+        in_flight: Slots | None = None,
         page_delay: float = 0.5,
     ) -> None:
         self._settings = settings
@@ -179,7 +179,7 @@ class SecMasterClient:
             "GET", f"{self._tasks_path}/{quote(task_id, safe='')}", task_id=task_id, write=False
         )
         data = self._task_info(envelope, task_id, write=False)
-        return Fetched("secmaster", task_id, data, content_hash(data), observe_secmaster(data))
+        return Fetched("secmaster", task_id, data, content_hash(data), observe_secmaster)
 
     async def apply(self, task_id: str, kind: str, params: Mapping[str, str]) -> Mapping[str, JSON]:
         if kind not in ACTIONS:
