@@ -1,4 +1,4 @@
-"""Issue 7, items 4 and 6: memory and cost of growth.
+"""Memory and cost of growth: peak RSS of `sync --all` as N grows, µs per task, database size.
 
     .venv/bin/python bench/bench_growth.py [--sizes 1000,10000,100000] [--churn-tasks 10000]
 

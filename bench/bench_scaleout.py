@@ -1,6 +1,6 @@
-"""Issue 7, item 5: several workers on one PostgreSQL.
+"""Several workers on one PostgreSQL: no task fetched twice, no comment applied twice.
 
-    .venv/bin/python bench/bench_scaleout.py [--tasks 20000] [--actions 3000] [--workers 1,2,3]
+    .venv/bin/python bench/bench_scaleout.py [--tasks 18000] [--actions 3000] [--workers 1,2,3]
 
 For each worker count K: a fresh database with N due tasks and A queued SecMaster comments (on
 distinct tasks), then K `tasksync sync` processes started together (plain `sync`: they split
@@ -136,7 +136,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--tasks", type=int, default=18_000)
     parser.add_argument("--actions", type=int, default=3000)
     parser.add_argument("--workers", default="1,2,3")
     args = parser.parse_args()

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,28 @@ def new_database(kind: str, name: str, workdir: Path) -> Database:
     asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
     base = PG_ADMIN.rsplit("/", 1)[0]
     return Database(kind, f"{base}/{name}", name)
+
+
+def clone_database(template: Database, name: str, workdir: Path) -> Database:
+    """A copy of `template` (schema, rows and PostgreSQL planner statistics): a fresh database
+    in the same state without tracking the tasks again. Nothing may be connected to it."""
+    if template.path is not None:
+        import sqlite3
+
+        path = workdir / f"{name}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        src, dst = sqlite3.connect(template.path), sqlite3.connect(path)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+        return Database(template.kind, f"sqlite:///{path}", name, path)
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template.name}"'))
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    return Database(template.kind, f"{base}/{name}", name)
 
 
 @contextmanager
@@ -431,6 +454,12 @@ def save(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_bytes(orjson.dumps({"machine": machine(), **data}, option=orjson.OPT_INDENT_2))
     return path
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of repeated runs: one slow outlier (the shared machine) moves it little, and
+    unlike the best of N it does not reward a lucky run."""
+    return float(statistics.median(values))
 
 
 def scaled(n: int, scale: float, minimum: int = 30) -> int:
