@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from urllib.parse import quote, unquote, urlsplit
@@ -25,7 +26,16 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 def format_date(moment: datetime | None = None) -> str:
     """UTC `YYYYMMDDTHHMMSSZ`. Truncates to the second, so "now" is never in the future."""
-    return (moment or datetime.now(UTC)).astimezone(UTC).strftime(DATE_FORMAT)
+    if moment is not None:
+        return moment.astimezone(UTC).strftime(DATE_FORMAT)
+    global _now_text
+    second = int(time.time())
+    if _now_text[0] != second:  # every signed request asks: format once per second
+        _now_text = (second, time.strftime(DATE_FORMAT, time.gmtime(second)))
+    return _now_text[1]
+
+
+_now_text: tuple[int, str] = (0, "")
 
 
 def parse_date(text: str) -> datetime:
@@ -42,7 +52,8 @@ def canonical_uri(path: str) -> str:
 
     Decoding before splitting (as the SDK does) means an encoded '%2F' counts as a separator.
     """
-    uri = "/".join(_encode(segment) for segment in unquote(path or "/").split("/"))
+    # Encoding each segment and joining them with '/' is encoding the whole with '/' kept.
+    uri = quote(unquote(path or "/"), safe="~/")
     return uri if uri.endswith("/") else uri + "/"
 
 
@@ -63,6 +74,18 @@ def canonical_request(
     payload_hash: str | None = None,
 ) -> str:
     lower = {k.lower(): v for k, v in headers.items()}
+    return _canonical(method, path, query, lower, signed, payload_hash or _sha256(body))
+
+
+def _canonical(
+    method: str,
+    path: str,
+    query: Iterable[tuple[str, str]],
+    lower: Mapping[str, str],
+    signed: list[str],
+    payload_hash: str,
+) -> str:
+    """`canonical_request` with the headers already keyed by lower-case name."""
     canonical_headers = "".join(f"{name}:{lower[name].strip()}\n" for name in signed)
     return "\n".join(
         (
@@ -71,22 +94,28 @@ def canonical_request(
             canonical_query(query),
             canonical_headers,
             ";".join(signed),
-            payload_hash or hashlib.sha256(body).hexdigest(),
+            payload_hash,
         )
     )
+
+
+def _sha256(data: bytes) -> str:
+    return EMPTY_SHA256 if not data else hashlib.sha256(data).hexdigest()
 
 
 def _hmac(secret: str, text: str) -> str:
     return hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
-def _sdk_payload_hash(headers: Mapping[str, str], body: bytes) -> str:
+def _sdk_payload_hash(lower: Mapping[str, str], body: bytes) -> str:
     # As the SDK: an empty body hashes to the empty hash, and a declared X-Sdk-Content-Sha256
     # (e.g. UNSIGNED-PAYLOAD) replaces the body's hash.
     if not body:
         return EMPTY_SHA256
-    declared = {k.lower(): v for k, v in headers.items()}.get(CONTENT_SHA256.lower())
-    return declared or hashlib.sha256(body).hexdigest()
+    return lower.get(_CONTENT_SHA256_LOWER) or _sha256(body)
+
+
+_CONTENT_SHA256_LOWER = CONTENT_SHA256.lower()
 
 
 def sdk_signature(
@@ -99,10 +128,9 @@ def sdk_signature(
     sk: str,
 ) -> str:
     """Signature of SDK-HMAC-SHA256. `headers` must contain X-Sdk-Date and every signed header."""
-    date = {k.lower(): v for k, v in headers.items()}["x-sdk-date"]
-    canonical = canonical_request(
-        method, path, query, headers, signed, body, payload_hash=_sdk_payload_hash(headers, body)
-    )
+    lower = {k.lower(): v for k, v in headers.items()}
+    canonical = _canonical(method, path, query, lower, signed, _sdk_payload_hash(lower, body))
+    date = lower["x-sdk-date"]
     request_hash = hashlib.sha256(canonical.encode()).hexdigest()
     return _hmac(sk, f"{SDK_ALGORITHM}\n{date}\n{request_hash}")
 
