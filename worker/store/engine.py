@@ -73,7 +73,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         kwargs["connect_args"] = {"server_settings": {"application_name": "tasksync"}}
     # orjson for the JSON columns: about 8x faster than the json module on payload-sized
     # documents, and every snapshot and event goes through it.
-    kwargs["json_serializer"] = _dumps
+    kwargs["json_serializer"] = dumps_json
     kwargs["json_deserializer"] = orjson.loads
     engine = create_async_engine(target, **kwargs)
     if target.get_backend_name() == "sqlite":
@@ -99,7 +99,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _dumps(value: Any) -> str:
+def dumps_json(value: Any) -> str:
     try:
         return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
     except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits in an upstream payload

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
 
 from worker.model import JSON, Event, System
 from worker.store.base import StoreBase, utcnow
+from worker.store.bulk import Bulk, Row, insert_rows, json_text, stamp
 from worker.store.events import lock_event_order, notify_events
 from worker.store.schema import UTCDateTime, task_events, task_snapshots, tasks
 
@@ -223,14 +225,28 @@ class TaskStore(StoreBase):
         seqs = {row[0]: row[1] for row in (await conn.execute(query)).all()}
         return {t.id for t in claimed if seqs.get(t.id) == t.snapshot_seq}
 
+    @cached_property
+    def _bulk(self) -> _BulkWrites:
+        return _BulkWrites.build(self)
+
     async def _write(self, conn: Any, worker: str, results: Sequence[PollResult]) -> None:
-        snapshots: list[dict[str, Any]] = []
-        events: list[dict[str, Any]] = []
-        changed: list[dict[str, Any]] = []
+        pg = self.is_postgres
+        bulk = self._bulk
+        stamps: dict[datetime, Any] = {}  # a batch shares one or two times: convert each once
+
+        def at(moment: datetime) -> Any:
+            found = stamps.get(moment)
+            if found is None:
+                found = stamps[moment] = stamp(moment, pg)
+            return found
+
+        snapshots: list[Row] = []
+        events: list[Row] = []
+        changed: list[Row] = []
         # Unchanged rows get the same values per (polled, next poll) -- one or two groups per
         # batch -- so each group is one set-based UPDATE rather than a row-by-row executemany.
         unchanged: dict[tuple[datetime, datetime, datetime], list[int]] = {}
-        failed: list[dict[str, Any]] = []
+        failed: list[Row] = []
         deferred: list[int] = []
         for r in results:
             t = r.task
@@ -238,97 +254,78 @@ class TaskStore(StoreBase):
                 deferred.append(t.id)
             elif r.error is not None:
                 failed.append(
-                    {
-                        "b_id": t.id,
-                        "b_error": r.error,
-                        "b_failures": t.consecutive_failures + 1,
-                        "b_next": r.next_poll_at,
-                        "b_seen": t.seen_next_poll_at,
-                        "b_polled": r.polled_at,
-                        "b_not_found": r.not_found,
-                    }
+                    (
+                        t.id,
+                        worker,
+                        at(r.polled_at),
+                        at(t.seen_next_poll_at),
+                        at(r.next_poll_at),
+                        r.error,
+                        t.consecutive_failures + 1,
+                        r.not_found,
+                    )
                 )
             elif r.changed:
                 seq = t.snapshot_seq + 1
+                polled = at(r.polled_at)
                 snapshots.append(
-                    {
-                        "system": t.system,
-                        "task_id": t.task_id,
-                        "seq": seq,
-                        "fetched_at": r.polled_at,
-                        "content_hash": r.content_hash,
-                        "status": r.status,
-                        "state": r.state,
-                        "payload": r.payload,
-                    }
+                    (
+                        t.system,
+                        t.task_id,
+                        seq,
+                        polled,
+                        r.content_hash,
+                        r.status,
+                        r.state,
+                        json_text(r.payload),
+                    )
                 )
                 events.extend(
-                    {
-                        "system": t.system,
-                        "task_id": t.task_id,
-                        "kind": str(e.kind),
-                        "dedup_key": e.dedup_key,
-                        "snapshot_seq": seq,
-                        "occurred_at": e.occurred_at,
-                        "observed_at": r.polled_at,
-                        "data": dict(e.data),
-                    }
+                    (
+                        t.system,
+                        t.task_id,
+                        str(e.kind),
+                        e.dedup_key,
+                        seq,
+                        stamp(e.occurred_at, pg),
+                        polled,
+                        json_text(dict(e.data)),
+                    )
                     for e in r.events
                 )
+                # last_changed_at is when tasksync saw the change; the upstream's own update
+                # time stays in the payload (and in the events' occurred_at)
                 changed.append(
-                    {
-                        "b_id": t.id,
-                        "b_status": r.status,
-                        "b_state": r.state,
-                        "b_title": r.title,
-                        "b_hash": r.content_hash,
-                        "b_seq": seq,
-                        "b_polled": r.polled_at,
-                        # when tasksync saw the change; the upstream's own update time
-                        # stays in the payload (and in the events' occurred_at)
-                        "b_changed": r.polled_at,
-                        "b_next": r.next_poll_at,
-                        "b_seen": t.seen_next_poll_at,
-                    }
+                    (
+                        t.id,
+                        worker,
+                        polled,
+                        at(t.seen_next_poll_at),
+                        at(r.next_poll_at),
+                        r.status,
+                        r.state,
+                        r.title,
+                        r.content_hash,
+                        seq,
+                    )
                 )
             else:
                 unchanged.setdefault((r.polled_at, r.next_poll_at, t.seen_next_poll_at), []).append(
                     t.id
                 )
-        b = sa.bindparam
-        mine = sa.and_(tasks.c.id == b("b_id"), tasks.c.lease_owner == worker)
         release = {"lease_owner": None, "lease_until": None}
-        if snapshots:
-            await conn.execute(self.insert(task_snapshots).on_conflict_do_nothing(), snapshots)
-        if events and self.is_postgres:
-            insert = self.insert(task_events).on_conflict_do_nothing().returning(task_events.c.id)
-            new_ids = (await conn.scalars(insert, events)).all()
-            if new_ids:  # one NOTIFY per transaction that stored events
-                await notify_events(conn, max(new_ids))
-        elif events:
-            await conn.execute(self.insert(task_events).on_conflict_do_nothing(), events)
-        if changed:
-            await conn.execute(
-                tasks.update()
-                .where(mine)
-                .values(
-                    status=b("b_status"),
-                    state=b("b_state"),
-                    title=b("b_title"),
-                    content_hash=b("b_hash"),
-                    snapshot_seq=b("b_seq"),
-                    last_polled_at=b("b_polled"),
-                    last_changed_at=b("b_changed"),
-                    next_poll_at=_keep_sooner(
-                        b("b_seen", type_=UTCDateTime()), b("b_next", type_=UTCDateTime())
-                    ),
-                    last_error=None,
-                    consecutive_failures=0,
-                    not_found=False,
-                    **release,
-                ),
-                changed,
-            )
+        await bulk.snapshots.run(conn, snapshots)
+        if events and pg:
+            # one NOTIFY per transaction that stored events, naming the highest new id; the
+            # event-order lock (taken first) means every id above `before` is ours
+            before = await conn.scalar(sa.select(sa.func.max(task_events.c.id)))
+            await bulk.events.run(conn, events)
+            after = await conn.scalar(sa.select(sa.func.max(task_events.c.id)))
+            if after is not None and after != before:
+                await notify_events(conn, int(after))
+        else:
+            await bulk.events.run(conn, events)
+        await bulk.changed.run(conn, changed)
         for (polled, next_poll, seen), ids in unchanged.items():
             await conn.execute(
                 tasks.update()
@@ -350,22 +347,7 @@ class TaskStore(StoreBase):
                 .where(tasks.c.id.in_(deferred), tasks.c.lease_owner == worker)
                 .values(**release)
             )
-        if failed:
-            await conn.execute(
-                tasks.update()
-                .where(mine)
-                .values(
-                    last_polled_at=b("b_polled"),
-                    next_poll_at=_keep_sooner(
-                        b("b_seen", type_=UTCDateTime()), b("b_next", type_=UTCDateTime())
-                    ),
-                    last_error=b("b_error"),
-                    consecutive_failures=b("b_failures"),
-                    not_found=b("b_not_found"),
-                    **release,
-                ),
-                failed,
-            )
+        await bulk.failed.run(conn, failed)
 
     async def renew_task_leases(self, worker: str, ids: Sequence[int], lease: float) -> None:
         if not ids:
@@ -386,6 +368,86 @@ class TaskStore(StoreBase):
                 .where(tasks.c.id.in_(list(ids)), tasks.c.lease_owner == worker)
                 .values(lease_owner=None, lease_until=None)
             )
+
+
+@dataclass(frozen=True)
+class _BulkWrites:
+    """The batch statements of a poll write (worker/store/bulk.py): rows are tuples."""
+
+    snapshots: Bulk
+    events: Bulk
+    changed: Bulk
+    failed: Bulk
+
+    @classmethod
+    def build(cls, store: StoreBase) -> _BulkWrites:
+        b = sa.bindparam
+        time = UTCDateTime()
+        mine = sa.and_(tasks.c.id == b("id"), tasks.c.lease_owner == b("worker"))
+        # constants as SQL, not parameters: every row binds exactly the names below
+        release = {"lease_owner": sa.null(), "lease_until": sa.null()}
+        ok = {"last_error": sa.null(), "consecutive_failures": sa.literal_column("0")}
+        sooner = _keep_sooner(b("seen", type_=time), b("next", type_=time))
+        changed = (
+            tasks.update()
+            .where(mine)
+            .values(
+                status=b("status"),
+                state=b("state"),
+                title=b("title"),
+                content_hash=b("hash"),
+                snapshot_seq=b("seq"),
+                last_polled_at=b("polled", type_=time),
+                last_changed_at=b("polled", type_=time),
+                next_poll_at=sooner,
+                not_found=sa.false(),
+                **ok,
+                **release,
+            )
+        )
+        failed = (
+            tasks.update()
+            .where(mine)
+            .values(
+                last_polled_at=b("polled", type_=time),
+                next_poll_at=sooner,
+                last_error=b("error"),
+                consecutive_failures=b("failures"),
+                not_found=b("not_found"),
+                **release,
+            )
+        )
+        common = ("id", "worker", "polled", "seen", "next")
+        return cls(
+            snapshots=insert_rows(
+                store.insert(task_snapshots).on_conflict_do_nothing(),
+                (
+                    "system",
+                    "task_id",
+                    "seq",
+                    "fetched_at",
+                    "content_hash",
+                    "status",
+                    "state",
+                    "payload",
+                ),
+            ),
+            events=insert_rows(
+                store.insert(task_events).on_conflict_do_nothing(),
+                (
+                    "system",
+                    "task_id",
+                    "kind",
+                    "dedup_key",
+                    "snapshot_seq",
+                    "occurred_at",
+                    "observed_at",
+                    "data",
+                ),
+            ),
+            changed=Bulk(changed, (*common, "status", "state", "title", "hash", "seq")),
+            failed=Bulk(failed, (*common, "error", "failures", "not_found")),
+        )
 
 
 def _keep_sooner(seen: Any, planned: Any) -> Any:

@@ -91,7 +91,15 @@ class Answer:
     headers: Mapping[str, str]
     data: JSON
     is_json: bool
-    described: str  # "text/html, 1532 bytes": for messages about the body
+    content_type: str
+    size: int  # bytes of the body
+    problem: str | None = None  # the body could not be read whole
+
+    @property
+    def described(self) -> str:
+        """ "text/html, 1532 bytes": for messages about the body (made only for a message)."""
+        text = f"{one_line(self.content_type, 60)}, {self.size} bytes"
+        return text if self.problem is None else f"{text}; {self.problem}"
 
     @property
     def ok(self) -> bool:
@@ -430,16 +438,16 @@ class HttpClient:
     def _answer(self, got: _Received, task_id: str | None, write: bool) -> Answer:
         status, headers, raw, problem, content_type = got
         ok = 200 <= status < 300
-        described = f"{one_line(content_type, 60)}, {len(raw)} bytes"
         if problem is not None:
             if ok:
                 raise self.malformed(problem, task_id=task_id, write=write)
-            return Answer(status, headers, None, False, f"{described}; {problem}")
+            return Answer(status, headers, None, False, content_type, len(raw), problem)
         try:
             data = orjson.loads(raw) if raw else None
             is_json = bool(raw)
         except orjson.JSONDecodeError as exc:
             if ok:
+                described = Answer(status, headers, None, False, content_type, len(raw)).described
                 # NaN/Infinity, truncated documents, HTML error pages all land here.
                 if exc.pos >= len(raw.rstrip()):
                     reason = f"answer is truncated JSON ({described})"
@@ -447,17 +455,21 @@ class HttpClient:
                     reason = f"answer is not JSON ({described}): {exc.msg} at byte {exc.pos}"
                 raise self.malformed(reason, task_id=task_id, write=write) from None
             data, is_json = None, False
+        answer = Answer(status, headers, data, is_json, content_type, len(raw))
         if ok and not is_json:
-            raise self.malformed(f"answer is empty ({described})", task_id=task_id, write=write)
+            raise self.malformed(
+                f"answer is empty ({answer.described})", task_id=task_id, write=write
+            )
         if ok and b"\\u0000" in raw and _holds_nul(data):
             # PostgreSQL's JSONB (and text) cannot store U+0000: refusing the answer here costs
             # this task only, where storing it would fail the whole batch it was written with.
             raise self.malformed(
-                f"answer contains a NUL character (\\u0000), which cannot be stored ({described})",
+                "answer contains a NUL character (\\u0000), which cannot be stored "
+                f"({answer.described})",
                 task_id=task_id,
                 write=write,
             )
-        return Answer(status, headers, data, is_json, described)
+        return answer
 
     def _redirect(self, status: int, location: str | None, task_id: str | None) -> UpstreamError:
         try:
