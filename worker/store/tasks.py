@@ -321,7 +321,7 @@ class TaskStore(StoreBase):
             before = await conn.scalar(sa.select(sa.func.max(task_events.c.id)))
             await bulk.events.run(conn, events)
             after = await conn.scalar(sa.select(sa.func.max(task_events.c.id)))
-            if after is not None and after != before:
+            if after is not None and (before is None or after > before):
                 await notify_events(conn, int(after))
         else:
             await bulk.events.run(conn, events)
