@@ -257,7 +257,7 @@ async def test_one_notify_per_storing_transaction_with_its_highest_id(
 
         async def write(events_per_task: dict[str, list[str]], changed: bool = True) -> None:
             claimed = await store.claim_tasks(
-                "w", after_id=0, limit=10, lease=60, due_before=None, systems=["secmaster"]
+                "w", after_id=0, limit=10, lease=60, due_before=None, system="secmaster"
             )
             now = utcnow()
             results = []
@@ -338,7 +338,7 @@ async def test_event_ids_are_committed_in_order_across_workers(
 
     await store.track("secmaster", ["late"])
     [claimed] = await store.claim_tasks(
-        "w", after_id=0, limit=1, lease=60, due_before=None, systems=["secmaster"]
+        "w", after_id=0, limit=1, lease=60, due_before=None, system="secmaster"
     )
     now = utcnow()
     result = PollResult(

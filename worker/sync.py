@@ -207,7 +207,7 @@ class SyncCycle:
                         limit=cfg.batch_size,
                         lease=cfg.lease,
                         due_before=due_before,
-                        systems=[system],
+                        system=system,
                     )
                     if not claimed:
                         batch_slots.release()

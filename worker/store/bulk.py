@@ -78,11 +78,32 @@ class Bulk:
             found = self._compiled[dialect.name] = (compiled.string, reorder)
         return found
 
+    async def rows(self, conn: AsyncConnection, params: Row) -> list[Row]:
+        """Run once with `params`; the rows it returns, as the driver gives them."""
+        sql, reorder = self.compiled(conn.dialect)
+        result = await conn.exec_driver_sql(sql, reorder(params) if reorder else params)
+        return [tuple(r) for r in result.all()]
+
     async def run(self, conn: AsyncConnection, rows: Sequence[Row]) -> None:
         if not rows:
             return
         sql, reorder = self.compiled(conn.dialect)
         await conn.exec_driver_sql(sql, [reorder(r) for r in rows] if reorder else list(rows))
+
+
+def in_id_list(store: Any, column: Any) -> Any:
+    """`column` is one of the ids bound as "ids" (see `id_list`): one parameter, whatever the
+    number of ids, so the statement is compiled and prepared once (an IN list of N
+    parameters is rendered anew for every N)."""
+    ids: sa.BindParameter[Any] = sa.bindparam("ids")
+    if store.is_postgres:
+        return column == sa.any_(sa.type_coerce(ids, sa.ARRAY(sa.BigInteger())))
+    return column.in_(sa.select(sa.column("value")).select_from(sa.func.json_each(ids)))
+
+
+def id_list(ids: Sequence[int], postgres: bool) -> Any:
+    """The "ids" parameter of `in_id_list`: an array for asyncpg, JSON text for SQLite."""
+    return list(ids) if postgres else json_text(list(ids))
 
 
 def insert_rows(insert: Any, names: Sequence[str]) -> Bulk:

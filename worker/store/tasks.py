@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from worker.model import JSON, Event, System
 from worker.store.base import StoreBase, utcnow
-from worker.store.bulk import Bulk, Row, insert_rows, json_text, stamp
+from worker.store.bulk import Bulk, Row, id_list, in_id_list, insert_rows, json_text, stamp
 from worker.store.events import lock_event_order, notify_events
 from worker.store.schema import UTCDateTime, task_events, task_snapshots, tasks
 
@@ -118,51 +118,39 @@ class TaskStore(StoreBase):
         limit: int,
         lease: float,
         due_before: datetime | None,
-        systems: Sequence[System],
+        system: System,
         now: datetime | None = None,
     ) -> list[ClaimedTask]:
-        """Lease up to `limit` tracked tasks with id > after_id, in id order.
+        """Lease up to `limit` tracked tasks of `system` with id > after_id, in id order.
 
         `due_before=None` claims every tracked task (sync --all). Tasks leased by a live worker
         are skipped; an expired lease (a worker that died) is taken over.
         """
         now = now or utcnow()
-        candidates = (
-            sa.select(tasks.c.id)
-            .where(
-                tasks.c.tracked,
-                tasks.c.id > after_id,
-                tasks.c.system.in_(systems),
-                sa.or_(tasks.c.lease_until.is_(None), tasks.c.lease_until < now),
-            )
-            .order_by(tasks.c.id)
-            .limit(limit)
+        pg = self.is_postgres
+        claim = self._bulk.claim_all if due_before is None else self._bulk.claim_due
+        params: Row = (
+            worker,
+            stamp(now + timedelta(seconds=lease), pg),
+            after_id,
+            system,
+            stamp(now, pg),
+            limit,
+            0,
         )
         if due_before is not None:
-            candidates = candidates.where(tasks.c.next_poll_at <= due_before)
-        statement = (
-            tasks.update()
-            .where(tasks.c.id.in_(self.skip_locked(candidates).scalar_subquery()))
-            .values(lease_owner=worker, lease_until=now + timedelta(seconds=lease))
-            .returning(
-                tasks.c.id,
-                tasks.c.system,
-                tasks.c.task_id,
-                tasks.c.content_hash,
-                tasks.c.snapshot_seq,
-                tasks.c.consecutive_failures,
-                tasks.c.next_poll_at,
-                tasks.c.state,
-            )
-        )
+            params += (stamp(due_before, pg),)
         async with self.engine.begin() as conn:
-            rows = (await conn.execute(statement)).all()
-        chosen: dict[str, System] = {s: s for s in systems}  # the claim filtered on them
+            rows = await claim.rows(conn, params)
+        read_time = _read_time if pg else _read_sqlite_time
         claimed = [
-            ClaimedTask(int(r[0]), chosen[r[1]], str(r[2]), r[3], int(r[4]), int(r[5]), r[6], r[7])
+            ClaimedTask(
+                int(r[0]), system, str(r[1]), r[2], int(r[3]), int(r[4]), read_time(r[5]), r[6]
+            )
             for r in rows
         ]
-        return sorted(claimed, key=lambda t: t.id)
+        claimed.sort(key=lambda t: t.id)
+        return claimed
 
     async def count_due(
         self, systems: Sequence[str], *, all_tasks: bool, now: datetime | None = None
@@ -313,7 +301,6 @@ class TaskStore(StoreBase):
                 unchanged.setdefault((r.polled_at, r.next_poll_at, t.seen_next_poll_at), []).append(
                     t.id
                 )
-        release = {"lease_owner": None, "lease_until": None}
         await bulk.snapshots.run(conn, snapshots)
         if events and pg:
             # one NOTIFY per transaction that stored events, naming the highest new id; the
@@ -327,26 +314,11 @@ class TaskStore(StoreBase):
             await bulk.events.run(conn, events)
         await bulk.changed.run(conn, changed)
         for (polled, next_poll, seen), ids in unchanged.items():
-            await conn.execute(
-                tasks.update()
-                .where(tasks.c.id.in_(ids), tasks.c.lease_owner == worker)
-                .values(
-                    last_polled_at=polled,
-                    next_poll_at=_keep_sooner(
-                        sa.literal(seen, UTCDateTime()), sa.literal(next_poll, UTCDateTime())
-                    ),
-                    last_error=None,
-                    consecutive_failures=0,
-                    not_found=False,
-                    **release,
-                )
+            await bulk.unchanged.run(
+                conn, [(id_list(ids, pg), worker, at(polled), at(seen), at(next_poll))]
             )
         if deferred:
-            await conn.execute(
-                tasks.update()
-                .where(tasks.c.id.in_(deferred), tasks.c.lease_owner == worker)
-                .values(**release)
-            )
+            await bulk.release.run(conn, [(id_list(deferred, pg), worker)])
         await bulk.failed.run(conn, failed)
 
     async def renew_task_leases(self, worker: str, ids: Sequence[int], lease: float) -> None:
@@ -378,6 +350,10 @@ class _BulkWrites:
     events: Bulk
     changed: Bulk
     failed: Bulk
+    claim_all: Bulk
+    claim_due: Bulk
+    unchanged: Bulk  # one statement for a group of task ids
+    release: Bulk
 
     @classmethod
     def build(cls, store: StoreBase) -> _BulkWrites:
@@ -405,6 +381,18 @@ class _BulkWrites:
                 **release,
             )
         )
+        listed = sa.and_(in_id_list(store, tasks.c.id), tasks.c.lease_owner == b("worker"))
+        unchanged = (
+            tasks.update()
+            .where(listed)
+            .values(
+                last_polled_at=b("polled", type_=time),
+                next_poll_at=sooner,
+                not_found=sa.false(),
+                **ok,
+                **release,
+            )
+        )
         failed = (
             tasks.update()
             .where(mine)
@@ -418,7 +406,12 @@ class _BulkWrites:
             )
         )
         common = ("id", "worker", "polled", "seen", "next")
+        claim = ("worker", "lease_until", "after", "system", "now", "limit", "offset")
         return cls(
+            claim_all=Bulk(_claim(store, due=False), claim),
+            unchanged=Bulk(unchanged, ("ids", "worker", "polled", "seen", "next")),
+            release=Bulk(tasks.update().where(listed).values(**release), ("ids", "worker")),
+            claim_due=Bulk(_claim(store, due=True), (*claim, "due")),
             snapshots=insert_rows(
                 store.insert(task_snapshots).on_conflict_do_nothing(),
                 (
@@ -448,6 +441,47 @@ class _BulkWrites:
             changed=Bulk(changed, (*common, "status", "state", "title", "hash", "seq")),
             failed=Bulk(failed, (*common, "error", "failures", "not_found")),
         )
+
+
+def _claim(store: StoreBase, *, due: bool) -> Any:
+    b = sa.bindparam
+    time = UTCDateTime()
+    candidates = (
+        sa.select(tasks.c.id)
+        .where(
+            tasks.c.tracked,
+            tasks.c.id > b("after", type_=sa.BigInteger()),
+            tasks.c.system == b("system", type_=sa.String()),
+            sa.or_(tasks.c.lease_until.is_(None), tasks.c.lease_until < b("now", type_=time)),
+        )
+        .order_by(tasks.c.id)
+        .limit(b("limit", type_=sa.Integer()))
+        .offset(b("offset", type_=sa.Integer()))  # SQLite renders one with a bound LIMIT
+    )
+    if due:
+        candidates = candidates.where(tasks.c.next_poll_at <= b("due", type_=time))
+    return (
+        tasks.update()
+        .where(tasks.c.id.in_(store.skip_locked(candidates).scalar_subquery()))
+        .values(lease_owner=b("worker"), lease_until=b("lease_until", type_=time))
+        .returning(
+            tasks.c.id,
+            tasks.c.task_id,
+            tasks.c.content_hash,
+            tasks.c.snapshot_seq,
+            tasks.c.consecutive_failures,
+            tasks.c.next_poll_at,
+            tasks.c.state,
+        )
+    )
+
+
+def _read_time(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def _read_sqlite_time(value: str) -> datetime:
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def _keep_sooner(seen: Any, planned: Any) -> Any:
