@@ -28,7 +28,12 @@ def canonical_json(obj: Any) -> bytes:
 
 def content_hash(payload: Any) -> str:
     """sha256 hex digest of the canonical JSON of `payload`."""
-    return hashlib.sha256(canonical_json(payload)).hexdigest()
+    return hash_of(canonical_json(payload))
+
+
+def hash_of(canonical: bytes) -> str:
+    """The content hash of an already canonical JSON document."""
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def _fallback(obj: Any) -> bytes:

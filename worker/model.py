@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from worker.hashing import canonical_json, hash_of
+
 System = Literal["aicc", "secmaster", "koodrive"]
 SYSTEMS: tuple[System, ...] = ("aicc", "secmaster", "koodrive")
 
@@ -103,6 +105,20 @@ class Fetched:
     payload: Mapping[str, JSON]
     content_hash: str
     observe: Callable[[Mapping[str, JSON]], Observation] = field(repr=False, compare=False)
+    # the canonical JSON the hash was taken of: stored as the snapshot's payload text, so a
+    # changed payload is not serialised a second time
+    canonical: bytes = field(default=b"", repr=False, compare=False)
+
+    @classmethod
+    def of(
+        cls,
+        system: System,
+        task_id: str,
+        payload: Mapping[str, JSON],
+        observe: Callable[[Mapping[str, JSON]], Observation],
+    ) -> Fetched:
+        canonical = canonical_json(payload)
+        return cls(system, task_id, payload, hash_of(canonical), observe, canonical)
 
     @property
     def observation(self) -> Observation:

@@ -362,6 +362,7 @@ class SyncCycle:
         if isinstance(previous_payload, Mapping):
             before = upstream.observe(previous_payload)
         result.payload = answer.payload
+        result.payload_json = answer.canonical.decode() if answer.canonical else None
         result.content_hash = answer.content_hash
         result.status = observation.status
         result.state = str(observation.state)

@@ -38,6 +38,7 @@ class PollResult:
     next_poll_at: datetime
     # set when the content changed:
     payload: JSON = None
+    payload_json: str | None = None  # the payload's JSON text, when it was made already
     content_hash: str | None = None
     status: str | None = None
     state: str | None = None
@@ -265,7 +266,7 @@ class TaskStore(StoreBase):
                         r.content_hash,
                         r.status,
                         r.state,
-                        json_text(r.payload),
+                        r.payload_json if r.payload_json is not None else json_text(r.payload),
                     )
                 )
                 events.extend(

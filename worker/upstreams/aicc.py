@@ -131,7 +131,7 @@ class AiccClient:
                 task_id=task_id,
                 write=False,
             )
-        return Fetched("aicc", task_id, result, content_hash(result), observe_aicc)
+        return Fetched.of("aicc", task_id, result, observe_aicc)
 
     async def apply(self, task_id: str, kind: str, params: Mapping[str, str]) -> Mapping[str, JSON]:
         if kind != "process":

@@ -17,7 +17,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 from worker.config import KooDriveSettings
-from worker.hashing import content_hash
 from worker.model import JSON, Fetched, Observation, State, System
 from worker.redact import Redactor
 from worker.text import one_line
@@ -107,7 +106,7 @@ class KooDriveClient:
                     task_id=task_id,
                     write=False,
                 )
-        return Fetched("koodrive", task_id, data, content_hash(data), observe_koodrive)
+        return Fetched.of("koodrive", task_id, data, observe_koodrive)
 
     async def apply(self, task_id: str, kind: str, params: Mapping[str, str]) -> Mapping[str, JSON]:
         raise self._http.error(

@@ -22,7 +22,6 @@ import orjson
 
 from worker import catalog
 from worker.config import SecMasterSettings
-from worker.hashing import content_hash
 from worker.model import JSON, Comment, Fetched, Observation, State, System
 from worker.redact import Redactor
 from worker.text import one_line
@@ -179,7 +178,7 @@ class SecMasterClient:
             "GET", f"{self._tasks_path}/{quote(task_id, safe='')}", task_id=task_id, write=False
         )
         data = self._task_info(envelope, task_id, write=False)
-        return Fetched("secmaster", task_id, data, content_hash(data), observe_secmaster)
+        return Fetched.of("secmaster", task_id, data, observe_secmaster)
 
     async def apply(self, task_id: str, kind: str, params: Mapping[str, str]) -> Mapping[str, JSON]:
         if kind not in ACTIONS:
