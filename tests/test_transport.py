@@ -293,3 +293,15 @@ async def test_slots_are_first_come_first_served_and_survive_cancellation() -> N
     with anyio.fail_after(1):
         async with slots:  # the one slot came back
             pass
+
+
+async def test_endless_headers_are_cut_at_the_cap() -> None:
+    filler = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    raw = b"HTTP/1.1 200 OK\r\n" + filler * 100 + b"Content-Length: 2\r\n\r\n{}"
+    async with RawServer(replying(Reply(raw))) as server:
+        p = pool(server.url)
+        try:
+            with pytest.raises(TransportError, match="headers exceed"):
+                await get(p)
+        finally:
+            await p.aclose()

@@ -32,6 +32,7 @@ import httptools
 
 USER_AGENT = "tasksync"
 NO_BODY_STATUSES = frozenset({204, 304})
+MAX_HEAD_BYTES = 65_536  # of header names and values in one answer (aiohttp allows 8 KiB a line)
 # Content codings we ask for and undo, with their zlib window bits (aiohttp asked for the same).
 CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 ACCEPT_ENCODING = "gzip, deflate"
@@ -168,6 +169,7 @@ class _Connection(asyncio.Protocol):
         self._headers = Headers()
         self._chunks: list[bytes] = []
         self._size = 0
+        self._head_bytes = 0
         self._length: int | None = None
         self._inflater: zlib._Decompress | None = None  # a compressed answer, undone as it comes
         self._framed = True  # the end of the body is known from its framing, not from EOF
@@ -190,7 +192,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers = Headers()
         self._chunks = []
-        self._size = 0
+        self._size = self._head_bytes = 0
         self._length = None
         self._inflater = None
         self._framed = True
@@ -297,6 +299,13 @@ class _Connection(asyncio.Protocol):
             self.close()  # an answer nobody asked for: this connection cannot be trusted
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            if self._waiter is not None:
+                message = f"answer headers exceed {MAX_HEAD_BYTES} bytes"
+                self._finish(error=TransportError(message, sent=True))
+                self.close()
+            return
         key = name.decode("latin-1").lower()
         if key not in self._headers:
             dict.__setitem__(self._headers, key, value.decode("latin-1"))
@@ -412,7 +421,10 @@ class Pool:
                         return conn.result()
                     except TransportError:
                         if reused and conn.silent:
-                            continue  # a stale kept-alive connection: once more, on a new one
+                            # a stale kept-alive connection: the others idle as long are
+                            # likely closed too; once more, on a new one
+                            self._drop_idle()
+                            continue
                         raise
                 except BaseException:
                     conn.close()
@@ -423,6 +435,11 @@ class Pool:
                         self._idle.append(conn)
                     else:
                         conn.close()
+
+    def _drop_idle(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
 
     def _take_idle(self) -> _Connection | None:
         idle = self._idle
