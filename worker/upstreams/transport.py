@@ -36,6 +36,8 @@ MAX_HEAD_BYTES = 65_536  # of header names and values in one answer (aiohttp all
 # Content codings we ask for and undo, with their zlib window bits (aiohttp asked for the same).
 CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 ACCEPT_ENCODING = "gzip, deflate"
+USER_AGENT_LINE = f"User-Agent: {USER_AGENT}"
+ACCEPT_ENCODING_LINE = f"Accept-Encoding: {ACCEPT_ENCODING}"
 
 
 class TransportError(Exception):
@@ -380,6 +382,7 @@ class Pool:
     ) -> None:
         self.origin = origin
         self.keep_alive = keep_alive
+        self._host_line = f"Host: {origin.netloc}"
         self._connect_timeout = connect_timeout
         self._ssl = ssl_context if origin.scheme == "https" else None
         self._slots = Slots(limit)
@@ -478,21 +481,23 @@ class Pool:
             lines.append(f"{name}: {value}")
             names.add(name.lower())
         if "host" not in names:
-            lines.append(f"Host: {self.origin.netloc}")
+            lines.append(self._host_line)
         if "user-agent" not in names:
-            lines.append(f"User-Agent: {USER_AGENT}")
+            lines.append(USER_AGENT_LINE)
         if "accept-encoding" not in names:
-            lines.append(f"Accept-Encoding: {ACCEPT_ENCODING}")
+            lines.append(ACCEPT_ENCODING_LINE)
         if body:
             lines.append(f"Content-Length: {len(body)}")
         elif method in ("POST", "PUT", "PATCH"):
             lines.append("Content-Length: 0")
         if not self.keep_alive:
             lines.append("Connection: close")
+        lines.append("\r\n")
         head = "\r\n".join(lines)
-        if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:
+        breaks = len(lines)  # one CRLF between lines, two at the end
+        if head.count("\n") != breaks or head.count("\r") != breaks:
             raise ValueError("a header or the target holds a line break")
-        data = (head + "\r\n\r\n").encode("latin-1")  # UnicodeEncodeError is a ValueError
+        data = head.encode("latin-1")  # UnicodeEncodeError is a ValueError
         return data + body if body else data
 
     async def aclose(self) -> None:
