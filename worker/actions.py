@@ -299,25 +299,20 @@ class ActionRunner:
         unknown = [
             r for r in ready if r.action.baseline is None and isinstance(r.spec.effect, Adds)
         ]
-        inputs = await self.store.baseline_inputs(
-            [(r.action.system, r.action.task_id) for r in unknown],
-            kinds={r.action.kind for r in unknown},
-        )
+        inputs = await self.store.baseline_inputs([r.action.id for r in unknown])
         to_read: list[_Ready] = []
         for r in ready:
             action, effect = r.action, r.spec.effect
             if action.baseline is not None or not isinstance(effect, Adds):
                 out[action.id] = action.baseline if action.baseline is not None else 0
                 continue
-            found = inputs.get((action.system, action.task_id))
+            found = inputs.get(action.id)
             if found is None or not isinstance(found.payload, Mapping):
                 to_read.append(r)
                 continue
             seen = effect.count(r.params, r.upstream.observe(found.payload))
             # our own earlier actions with the same effect, applied after that snapshot
-            out[action.id] = seen + sum(
-                1 for d in found.done if d.kind == action.kind and effect.same(d.params, r.params)
-            )
+            out[action.id] = seen + sum(1 for done in found.done if effect.same(done, r.params))
 
         async def read(r: _Ready) -> None:
             try:
