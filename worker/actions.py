@@ -12,22 +12,30 @@ Exactly-once rests on three rules:
 Writes go over connections that are never reused (upstreams/http.py), so the HTTP layer never
 re-sends on its own either.
 
-There is one pipeline, over a claimed batch, one transaction per step for the whole set (one
-statement per action would cost more than its request): validate; read back those whose last
-outcome is unknown; baselines; record every attempt; send; record every outcome.
+There is one pipeline, and each of its steps handles a set of actions in one transaction (one
+statement per action would cost more than its request): claim; validate, read back those whose
+last outcome is unknown, take the baselines of the others; record the attempts; send; record
+the outcomes. The steps overlap (ActionRunner._run): the next set is claimed and prepared while
+the previous one is being sent, attempts are recorded for a group as soon as that many send
+slots are free, and outcomes are written while other sends are still out, so `concurrency`
+requests stay in flight instead of waiting for the slowest request of a batch and for the
+database steps between batches.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import anyio
 import orjson
+from anyio.abc import TaskGroup
 
 from worker.backoff import action_delay
 from worker.catalog import ActionSpec, Adds, InvalidInput, configured_defaults, validate_action
@@ -72,6 +80,54 @@ class ApplyStats:
         )
 
 
+# Attempts are recorded, and outcomes written, for groups of at least this many actions while
+# more are in flight (a transaction costs about as much for one action as for a few dozen); a
+# group smaller than that waits for a send slot or an outcome, never longer than OUTCOMES_WAIT.
+GROUP = 8
+OUTCOMES_WAIT = 0.25  # seconds an outcome waits for others before it is written alone
+
+
+@dataclass(eq=False)
+class _Pass:
+    """The state of one pass: actions move from claimed (preparing) to ready (validated, their
+    baselines taken), to sending (attempt recorded), to outcomes (answered, not yet written).
+    Each stage wakes the next with an Event it replaces once set."""
+
+    stats: ApplyStats
+    slots: int  # sends in flight at most: worker.concurrency
+    claim: bool  # claim more (run_until_idle) or only work through what it was given
+    # The runner's writes, one at a time on SQLite: it has one writer anyway, and a transaction
+    # waiting in SQLite's busy handler sleeps in steps of milliseconds. PostgreSQL runs them
+    # side by side: the claim skips locked rows, and the others lock our rows in id order.
+    lock: AbstractAsyncContextManager[Any]
+    group: int = 0  # GROUP, or fewer with fewer slots
+    claimed: dict[int, ClaimedAction] = field(default_factory=dict)  # not yet written
+    preparing: int = 0
+    ready: deque[tuple[_Ready, int | None]] = field(default_factory=deque)
+    sending: int = 0  # attempts recorded, answer not yet in
+    to_send: deque[tuple[_Ready, int]] = field(default_factory=deque)
+    outcomes: list[Finish] = field(default_factory=list)
+    first_outcome_at: float = 0.0
+    closing: bool = False  # nothing more will be claimed
+    completions: int = 0  # outcome groups written (or given up): may unblock a task's next
+    claimer: anyio.Event = field(default_factory=anyio.Event)
+    starter: anyio.Event = field(default_factory=anyio.Event)
+    recorder: anyio.Event = field(default_factory=anyio.Event)
+    idle_senders: deque[anyio.Event] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.group = max(1, min(GROUP, self.slots))
+
+    def wake(self, name: str) -> None:
+        event: anyio.Event = getattr(self, name)
+        event.set()
+        setattr(self, name, anyio.Event())
+
+    @property
+    def drained(self) -> bool:
+        return self.closing and not self.claimed
+
+
 @dataclass
 class ActionRunner:
     store: Store
@@ -80,118 +136,252 @@ class ActionRunner:
     worker: str
     rng: random.Random = field(default_factory=random.Random)
     hooks: Hooks = field(default_factory=Hooks)
-    in_flight: set[int] = field(default_factory=set)
-    _completions: int = 0
-    _wake: anyio.Event = field(default_factory=anyio.Event)
+    in_flight: set[int] = field(default_factory=set)  # claimed by this worker, not yet written
 
     async def run_until_idle(self) -> ApplyStats:
-        """Apply due actions until none is due. Batches on different tasks run concurrently;
-        the claim hands out at most one open action per task at a time."""
+        """Apply due actions until none is due. The claim hands out at most one open action
+        per task at a time, so actions on one task go one after the other, in queue order."""
         stats = ApplyStats()
-        slots = self.settings.worker.concurrency
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._renew_leases)
-            while True:
-                seen = self._completions
-                free = slots - len(self.in_flight)
-                claimed = []
-                if free > 0:
-                    claimed = await self.store.claim_actions(
-                        self.worker, limit=free, lease=self.settings.worker.lease
-                    )
-                # An action of ours whose lease ran out while the database was locked or slow
-                # is claimed again by our own next claim: it is still being worked on here, and
-                # handing it out twice would send it twice.
-                claimed = [a for a in claimed if a.id not in self.in_flight]
-                if claimed:
-                    self.in_flight.update(a.id for a in claimed)
-                    stats.claimed += len(claimed)
-                    tg.start_soon(self._guarded_batch, claimed, stats)
-                if claimed and len(self.in_flight) < slots:
-                    continue  # there may be more due right now
-                if seen != self._completions:
-                    continue  # one finished meanwhile: it may have unblocked its task's next
-                if not self.in_flight:
-                    break
-                # wait until a batch finishes: it may unblock the next action on its task
-                self._wake = anyio.Event()
-                with anyio.move_on_after(1.0):
-                    await self._wake.wait()
-            tg.cancel_scope.cancel()
+        await self._run(self._pass(stats, claim=True))
         return stats
 
-    async def _guarded_batch(self, batch: list[ClaimedAction], stats: ApplyStats) -> None:
-        try:
-            await self.process_batch(batch, stats)
-        except Exception:
-            # A database failure mid-batch: the leases expire and the next claimer, seeing an
-            # attempt without outcome, reads the task back before sending. Nothing is lost.
-            log.exception(
-                "a batch of %s actions was interrupted; it will be taken over", len(batch)
-            )
-        finally:
-            self.in_flight.difference_update(a.id for a in batch)
-            self._completions += 1
-            self._wake.set()
-
     async def process_batch(self, batch: list[ClaimedAction], stats: ApplyStats) -> None:
-        """The one path of a claimed set of actions, one transaction per step: validate; read
-        the tasks back after an unknown outcome and take baselines before a first attempt (the
-        two reads run side by side, on disjoint actions); record the attempts; send; record
-        every outcome."""
-        finishes: list[Finish] = []
-        await self.store.close_dangling_attempts([a.id for a in batch if a.interrupted], DANGLING)
-        ready: list[_Ready] = []
-        for action in batch:
-            prepared = self._prepare(action)
-            if isinstance(prepared, str):
-                finishes.append(self._fail(action, prepared, stats))
-            else:
-                ready.append(prepared)
-        doubtful = [r for r in ready if r.action.outcome_unknown]
-        fresh = [
-            r
-            for r in ready
-            if not r.action.outcome_unknown and not self._gave_up(r, finishes, stats)
-        ]
-        baselines: dict[int, int | None] = {}  # action id -> baseline: the actions to send
-        async with anyio.create_task_group() as reads:
-            reads.start_soon(self._read_back, doubtful, baselines, finishes, stats)
-            reads.start_soon(self._baselines, fresh, baselines, finishes, stats)
-        attempt_ids = await self.store.start_attempts(self.worker, baselines)
-        self.hooks.crash_point("after-attempt")
-        for action_id in baselines.keys() - attempt_ids.keys():
-            log.warning("lost the lease on action %s before sending", action_id)
+        """Work through an already claimed set of actions, claiming no more."""
+        run = self._pass(stats, claim=False)
+        self._take(run, batch)
+        await self._run(run, batch)
 
-        async def send(r: _Ready, attempt_id: int) -> None:
-            action = r.action
-            with log_context(system=action.system, task=action.task_id, action=str(action.id)):
-                try:
-                    answer = await r.upstream.apply(action.task_id, action.kind, r.params)
-                except UpstreamError as exc:
-                    attempts = action.attempts + 1
-                    finishes.append(self._decide(r, exc, stats, attempts, attempt_id))
-                    return
-            stats.succeeded += 1
-            finishes.append(
-                Finish(
-                    action.id,
-                    AttemptOutcome.SUCCEEDED,
-                    ActionStatus.SUCCEEDED,
-                    attempt_id,
-                    result=_jsonable(answer),
-                    http_status=200,
-                    repoll=(action.system, action.task_id),
+    def _pass(self, stats: ApplyStats, *, claim: bool) -> _Pass:
+        lock = nullcontext() if self.store.is_postgres else anyio.Lock()
+        return _Pass(stats, self.settings.worker.concurrency, claim, lock)
+
+    async def _run(self, run: _Pass, batch: list[ClaimedAction] | None = None) -> None:
+        """One pass as a pipeline (see the module docstring): a claimer, one preparation per
+        claimed set, a starter that records attempts, `concurrency` senders and a recorder
+        that writes outcomes, over the queues of `run`. The exactly-once rules hold as in a
+        batch: an attempt is committed before its request, which then goes out at once (the
+        starter records attempts only for free send slots, and hands them over as soon as the
+        transaction returns); an action whose last outcome is unknown is read back before
+        anything is sent; an outcome is written only after its answer."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._renew_leases, run)
+                for _ in range(run.slots):
+                    tg.start_soon(self._sender, run)
+                tg.start_soon(self._starter, run)
+                tg.start_soon(self._recorder, run)
+                if batch is not None:
+                    tg.start_soon(self._prepare_set, run, batch)
+                if run.claim:
+                    await self._claimer(run, tg)
+                run.closing = True
+                while not run.drained:
+                    await run.claimer.wait()
+                tg.cancel_scope.cancel()  # the stages wait for work that will not come
+        finally:
+            self.in_flight.difference_update(run.claimed)
+
+    def _take(self, run: _Pass, batch: list[ClaimedAction]) -> None:
+        self.in_flight.update(a.id for a in batch)
+        run.claimed.update((a.id, a) for a in batch)
+        run.preparing += len(batch)
+        run.stats.claimed += len(batch)
+
+    def _done(self, run: _Pass, action_ids: list[int]) -> None:
+        """These actions leave the pass (written, given up, or no longer ours)."""
+        for action_id in action_ids:
+            run.claimed.pop(action_id, None)
+        self.in_flight.difference_update(action_ids)
+        run.completions += 1
+        run.wake("claimer")
+
+    async def _claimer(self, run: _Pass, tg: TaskGroup) -> None:
+        """Claim ahead: a new set as soon as no more than half a set waits for a slot. Once a
+        claim comes back empty, the next waits until outcomes were written (they may unblock
+        the next action on a task) or a second has passed; with nothing in flight, the pass
+        is over."""
+        exhausted = False
+        while True:
+            if run.preparing + len(run.ready) > run.slots // 2:
+                await run.claimer.wait()  # the starter takes some
+                continue
+            if exhausted:
+                seen = run.completions
+                with anyio.move_on_after(1.0):
+                    while run.completions == seen:
+                        await run.claimer.wait()
+            seen = run.completions
+            async with run.lock:
+                claimed = await self.store.claim_actions(
+                    self.worker, limit=run.slots, lease=self.settings.worker.lease
                 )
-            )
+            # An action of ours whose lease ran out while the database was locked or slow
+            # is claimed again by our own next claim: it is still being worked on here, and
+            # handing it out twice would send it twice.
+            claimed = [a for a in claimed if a.id not in self.in_flight]
+            # (outcomes written meanwhile may have unblocked a task's next: claim again now)
+            exhausted = not claimed and seen == run.completions
+            if claimed:
+                self._take(run, claimed)
+                tg.start_soon(self._prepare_set, run, claimed)
+            elif exhausted and not run.claimed:
+                return
 
-        async with anyio.create_task_group() as senders:
-            for r in ready:
-                if r.action.id in attempt_ids:
-                    senders.start_soon(send, r, attempt_ids[r.action.id])
-        self.hooks.crash_point("after-answer")
-        await self.store.finish(self.worker, finishes)
-        observe_actions(batch, finishes)
+    async def _prepare_set(self, run: _Pass, batch: list[ClaimedAction]) -> None:
+        """Validate a claimed set; read the tasks back after an unknown outcome and take
+        baselines before a first attempt (the two reads run side by side, on disjoint
+        actions). What can be sent joins the ready queue; what failed, the outcomes."""
+        finishes: list[Finish] = []
+        baselines: dict[int, int | None] = {}  # action id -> baseline: the actions to send
+        ready: list[_Ready] = []
+        try:
+            dangling = [a.id for a in batch if a.interrupted]
+            if dangling:
+                async with run.lock:
+                    await self.store.close_dangling_attempts(dangling, DANGLING)
+            for action in batch:
+                prepared = self._prepare(action)
+                if isinstance(prepared, str):
+                    finishes.append(self._fail(action, prepared, run.stats))
+                else:
+                    ready.append(prepared)
+            doubtful = [r for r in ready if r.action.outcome_unknown]
+            fresh = [
+                r
+                for r in ready
+                if not r.action.outcome_unknown and not self._gave_up(r, finishes, run.stats)
+            ]
+            async with anyio.create_task_group() as reads:
+                reads.start_soon(self._read_back, doubtful, baselines, finishes, run.stats)
+                reads.start_soon(self._baselines, fresh, baselines, finishes, run.stats)
+        except Exception:
+            # A database failure: the leases expire and the next claimer takes the actions
+            # over (reading back those whose last outcome is unknown). Nothing is lost.
+            log.exception("a set of %s actions was interrupted; it will be taken over", len(batch))
+            self._done(run, [a.id for a in batch])
+            return
+        finally:
+            run.preparing -= len(batch)
+        run.ready.extend((r, baselines[r.action.id]) for r in ready if r.action.id in baselines)
+        self._record(run, finishes)
+        run.wake("starter")
+
+    async def _starter(self, run: _Pass) -> None:
+        """Record the attempts of ready actions as send slots free up, a group at a time, and
+        hand them to the senders at once."""
+        while True:
+            free = run.slots - run.sending
+            waiting = len(run.ready)
+            if not waiting or free < min(run.group, waiting):
+                await run.starter.wait()
+                continue
+            group = [run.ready.popleft() for _ in range(min(free, waiting))]
+            run.sending += len(group)
+            run.wake("claimer")  # room to claim ahead again
+            try:
+                async with run.lock:
+                    attempt_ids = await self.store.start_attempts(
+                        self.worker, {r.action.id: baseline for r, baseline in group}
+                    )
+            except Exception:
+                log.exception(
+                    "recording %s attempts failed; the actions will be taken over", len(group)
+                )
+                run.sending -= len(group)
+                self._done(run, [r.action.id for r, _ in group])  # nothing was sent
+                continue
+            self.hooks.crash_point("after-attempt")
+            lost = []
+            for r, _ in group:
+                attempt_id = attempt_ids.get(r.action.id)
+                if attempt_id is None:
+                    log.warning("lost the lease on action %s before sending", r.action.id)
+                    lost.append(r.action.id)
+                    continue
+                run.to_send.append((r, attempt_id))
+                if run.idle_senders:
+                    run.idle_senders.popleft().set()
+            if lost:
+                run.sending -= len(lost)
+                self._done(run, lost)
+
+    async def _sender(self, run: _Pass) -> None:
+        """One of `concurrency` senders: each sends one recorded attempt at a time."""
+        while True:
+            if not run.to_send:
+                wake = anyio.Event()
+                run.idle_senders.append(wake)
+                await wake.wait()
+                continue
+            r, attempt_id = run.to_send.popleft()
+            try:
+                finish = await self._send(r, attempt_id, run.stats)
+            except Exception:
+                # a bug, not an answer: the attempt stays without an outcome, so whoever
+                # takes the action over reads the task back before sending again
+                log.exception("action %s: unexpected error sending it", r.action.id)
+                run.sending -= 1
+                self._done(run, [r.action.id])
+                run.wake("starter")
+                continue
+            run.sending -= 1
+            self._record(run, [finish])
+            run.wake("starter")
+
+    async def _send(self, r: _Ready, attempt_id: int, stats: ApplyStats) -> Finish:
+        action = r.action
+        with log_context(system=action.system, task=action.task_id, action=str(action.id)):
+            try:
+                answer = await r.upstream.apply(action.task_id, action.kind, r.params)
+            except UpstreamError as exc:
+                return self._decide(r, exc, stats, action.attempts + 1, attempt_id)
+        stats.succeeded += 1
+        return Finish(
+            action.id,
+            AttemptOutcome.SUCCEEDED,
+            ActionStatus.SUCCEEDED,
+            attempt_id,
+            result=_jsonable(answer),
+            http_status=200,
+            repoll=(action.system, action.task_id),
+        )
+
+    def _record(self, run: _Pass, finishes: list[Finish]) -> None:
+        if not finishes:
+            return
+        first = not run.outcomes
+        if first:
+            run.first_outcome_at = anyio.current_time()
+        run.outcomes.extend(finishes)
+        if first or len(run.outcomes) >= run.group or run.sending == 0:
+            run.wake("recorder")
+
+    async def _recorder(self, run: _Pass) -> None:
+        """Write outcomes a group at a time: once GROUP are in, once nothing is being sent, or
+        once the first has waited OUTCOMES_WAIT (an outcome written late holds its task's next
+        action back, and its lease)."""
+        while True:
+            if not run.outcomes:
+                await run.recorder.wait()
+                continue
+            if len(run.outcomes) < run.group and run.sending:
+                wait = run.first_outcome_at + OUTCOMES_WAIT - anyio.current_time()
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        await run.recorder.wait()
+                    continue
+            group, run.outcomes = run.outcomes, []
+            self.hooks.crash_point("after-answer")
+            try:
+                async with run.lock:
+                    await self.store.finish(self.worker, group)
+            except Exception:
+                # the attempts stay without an outcome: whoever takes the actions over reads
+                # their tasks back before sending anything again
+                log.exception("recording %s outcomes failed; they will be read back", len(group))
+            else:
+                observe_actions([run.claimed[f.action_id] for f in group], group)
+            self._done(run, [f.action_id for f in group])
 
     def _prepare(self, action: ClaimedAction) -> _Ready | str:
         """Validate a claimed action; the reason it fails, or what sending it needs."""
@@ -327,14 +517,15 @@ class ActionRunner:
             for r in to_read:
                 readers.start_soon(read, r)
 
-    async def _renew_leases(self) -> None:
+    async def _renew_leases(self, run: _Pass) -> None:
         interval = max(self.settings.worker.lease / 3, 0.5)
         while True:
             await anyio.sleep(interval)
-            if self.in_flight:
-                await self.store.renew_action_leases(
-                    self.worker, sorted(self.in_flight), self.settings.worker.lease
-                )
+            if run.claimed:
+                async with run.lock:
+                    await self.store.renew_action_leases(
+                        self.worker, sorted(run.claimed), self.settings.worker.lease
+                    )
 
     def _decide(
         self,
