@@ -3,8 +3,12 @@ high rates with exactly-once effects and per-task order, and crashes at every po
 
 from __future__ import annotations
 
+import json
 import signal
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -14,9 +18,11 @@ from tests.support.cli import clean_env, tasksync_argv
 from tests.support.db import Database, count, rows
 from tests.support.sandbox import clients, settings_for, track_all
 from worker.actions import ActionRunner
+from worker.model import ActionStatus, AttemptOutcome
 from worker.sandbox import Sandbox
-from worker.store import Store
+from worker.store import Finish, Store
 from worker.sync import SyncCycle
+from worker.upstreams.base import Upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -295,3 +301,199 @@ async def test_kill_at_each_crash_point_loses_nothing_and_duplicates_nothing(
         if point != "after-attempt":
             assert attempts[0]["outcome"] == "unknown"
         assert all(a["outcome"] is not None for a in attempts)
+
+
+# -- the pipeline and its store steps -------------------------------------------------------------
+
+
+class _Watched:
+    """A client that checks, as each write goes out, that its attempt row is already committed
+    (rule 1), and counts the writes in flight."""
+
+    def __init__(self, inner: Upstream, store: Store) -> None:
+        self.inner = inner
+        self.store = store
+        self.in_flight = 0
+        self.most = 0
+        self.unrecorded: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def apply(self, task_id: str, kind: str, params: Mapping[str, str]) -> Mapping[str, Any]:
+        open_attempts = await count(
+            self.store,
+            "action_attempts AS t JOIN actions AS a ON a.id = t.action_id",
+            "a.task_id = :task AND a.status = 'running' AND t.outcome IS NULL",
+            task=task_id,
+        )
+        if open_attempts != 1:
+            self.unrecorded.append(task_id)
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            return await self.inner.apply(task_id, kind, params)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_the_pipeline_records_each_attempt_before_its_request_and_keeps_the_order(
+    database: Database, store: Store
+) -> None:
+    async with Sandbox(seed=16, tasks_per_system=30) as sb:
+        settings = settings_for(sb, database.url, concurrency=4)
+        tasks = sb.task_ids("secmaster")
+        await store.track("secmaster", tasks)
+        async with clients(settings) as upstreams:
+            await SyncCycle(store, upstreams, settings, "w1").run()
+            watched = _Watched(upstreams["secmaster"], store)
+            # many sets' worth: one comment on each task, and three more on the first task
+            for n, task in enumerate(tasks):
+                await store.enqueue("secmaster", task, "comment", {"comment": f"one {n}"})
+            for n in range(3):
+                await store.enqueue("secmaster", tasks[0], "comment", {"comment": f"more {n}"})
+            runner = ActionRunner(store, {"secmaster": watched}, settings, "w1")  # type: ignore[dict-item]
+            stats = await runner.run_until_idle()
+        assert stats.succeeded == len(tasks) + 3, stats
+        assert watched.unrecorded == []
+        assert 1 <= watched.most <= 4  # never more than `concurrency`
+        assert runner.in_flight == set()
+        texts = [e.params["comment"] for e in sb.applied("secmaster", tasks[0])]
+        assert texts == ["one 0", "more 0", "more 1", "more 2"]
+        assert len(sb.applied()) == len(tasks) + 3
+        assert await count(store, "action_attempts", "outcome = 'succeeded'") == len(tasks) + 3
+
+
+async def test_store_steps_write_what_each_outcome_sets(database: Database, store: Store) -> None:
+    ids = [
+        (await store.enqueue("secmaster", f"t{n}", "comment", {"comment": "c"}))[0] for n in "abcde"
+    ]
+    a, b, c, d, e = ids
+    hours = 7200  # leases that outlive the test's hour
+    claimed = {x.id: x for x in await store.claim_actions("w1", limit=10, lease=hours)}
+    assert sorted(claimed) == ids
+    assert all(x.last_outcome is None and not x.interrupted for x in claimed.values())
+    # another worker took d over (its lease had run out): no attempt of ours is recorded for it
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE actions SET lease_owner = 'w2' WHERE id = :d"), {"d": d})
+    started = await store.start_attempts("w1", {a: 2, b: None, c: 0, d: 1})
+    assert sorted(started) == [a, b, c]
+    later = datetime.now(UTC) + timedelta(hours=1)
+    await store.finish(
+        "w1",
+        [
+            Finish(
+                a,
+                AttemptOutcome.SUCCEEDED,
+                ActionStatus.SUCCEEDED,
+                started[a],
+                result={"ok": [1, 2]},
+                http_status=200,
+                repoll=("secmaster", "ta"),
+            ),
+            Finish(
+                b,
+                AttemptOutcome.UNKNOWN,
+                ActionStatus.PENDING,
+                started[b],
+                error="lost",
+                next_attempt_at=later,
+            ),
+            Finish(
+                c,
+                AttemptOutcome.FAILED,
+                ActionStatus.FAILED,
+                started[c],
+                error="refused",
+                http_status=400,
+            ),
+            # a read that failed before anything was sent still counts as a try
+            Finish(e, AttemptOutcome.RETRY, ActionStatus.PENDING, error="unreadable", attempts=3),
+            Finish(d, AttemptOutcome.SUCCEEDED, ActionStatus.SUCCEEDED, result={}),  # not ours
+        ],
+    )
+    got = {
+        r["id"]: r
+        for r in await rows(
+            store,
+            "SELECT id, status, attempts, baseline, last_error, CAST(result AS TEXT) AS result, "
+            "lease_owner, finished_at, next_attempt_at FROM actions",
+        )
+    }
+    assert got[a]["status"] == "succeeded" and got[a]["attempts"] == 1
+    assert got[a]["baseline"] == 2 and got[a]["last_error"] is None
+    assert json.loads(got[a]["result"]) == {"ok": [1, 2]}
+    assert got[a]["lease_owner"] is None and got[a]["finished_at"] is not None
+    assert got[b]["status"] == "pending" and got[b]["attempts"] == 1 and got[b]["baseline"] is None
+    assert got[b]["last_error"] == "lost" and got[b]["finished_at"] is None
+    assert _aware(got[b]["next_attempt_at"]) == later
+    assert got[c]["status"] == "failed" and got[c]["last_error"] == "refused"
+    assert got[c]["finished_at"] is not None and got[c]["result"] is None
+    assert got[e]["status"] == "pending" and got[e]["attempts"] == 3
+    assert got[d]["status"] == "running" and got[d]["lease_owner"] == "w2"  # left alone
+    assert got[d]["attempts"] == 0 and got[d]["baseline"] is None
+    attempts = {
+        r["action_id"]: r
+        for r in await rows(
+            store, "SELECT action_id, outcome, http_status, error, finished_at FROM action_attempts"
+        )
+    }
+    assert sorted(attempts) == [a, b, c]
+    assert attempts[a]["outcome"] == "succeeded" and attempts[a]["http_status"] == 200
+    assert attempts[b]["outcome"] == "unknown" and attempts[b]["error"] == "lost"
+    assert attempts[c]["outcome"] == "failed" and attempts[c]["http_status"] == 400
+    assert all(r["finished_at"] is not None for r in attempts.values())
+    # the succeeded action's task is due now (written in the store's own time format: the
+    # claim of tasks compares it as text on SQLite)
+    [task] = await rows(store, "SELECT next_poll_at FROM tasks WHERE task_id = 'ta'")
+    assert _aware(task["next_poll_at"]) <= datetime.now(UTC)
+    # b is not due for an hour, e is due now and was tried three times
+    [again] = await store.claim_actions("w1", limit=10, lease=hours)
+    assert again.id == e and again.attempts == 3 and again.last_outcome is None
+    soon = later - timedelta(seconds=1)
+    assert not await store.claim_actions("w1", limit=10, lease=hours, now=soon)
+    [retried] = await store.claim_actions("w1", limit=10, lease=hours, now=later)
+    assert retried.id == b and retried.last_outcome is AttemptOutcome.UNKNOWN
+    assert retried.outcome_unknown and not retried.interrupted
+    # an attempt left without an outcome (its worker died) is reported as interrupted
+    await store.start_attempts("w1", {b: None}, now=later)
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE actions SET lease_until = NULL WHERE id = :b"), {"b": b})
+    [interrupted] = await store.claim_actions("w2", limit=10, lease=60, now=later)
+    assert interrupted.id == b and interrupted.interrupted and interrupted.outcome_unknown
+
+
+async def test_baselines_count_what_succeeded_since_the_snapshot(
+    database: Database, store: Store
+) -> None:
+    async with Sandbox(seed=17, tasks_per_system=2) as sb:
+        settings = settings_for(sb, database.url)
+        task = sb.task_ids("secmaster")[0]
+        await store.track("secmaster", [task])
+        async with clients(settings) as upstreams:
+            await SyncCycle(store, upstreams, settings, "w1").run()
+            # applied after the snapshot: the snapshot does not show it yet
+            await store.enqueue("secmaster", task, "comment", {"comment": "twice"})
+            await store.enqueue("secmaster", task, "delete-attachment", {"attachment_id": "x"})
+            await ActionRunner(store, upstreams, settings, "w1").run_until_idle()
+            second, _ = await store.enqueue("secmaster", task, "comment", {"comment": "twice"})
+            [claimed] = await store.claim_actions("w1", limit=10, lease=60)
+            assert claimed.id == second
+            inputs = await store.baseline_inputs([second])
+            assert isinstance(inputs[second].payload, dict)
+            # the earlier comment, not the other kind
+            assert [json.loads(str(p)) for p in inputs[second].done] == [{"comment": "twice"}]
+            assert await store.baseline_inputs([]) == {}
+            await store.finish("w1", [Finish(second, AttemptOutcome.FAILED, ActionStatus.FAILED)])
+            # once a snapshot shows it, it counts from the snapshot
+            await SyncCycle(store, upstreams, settings, "w1").run()
+            third, _ = await store.enqueue("secmaster", task, "comment", {"comment": "twice"})
+            [claimed] = await store.claim_actions("w1", limit=10, lease=60)
+            assert (await store.baseline_inputs([third]))[third].done == []
+
+
+def _aware(value: Any) -> datetime:
+    if isinstance(value, str):  # SQLite
+        value = datetime.fromisoformat(value)
+    moment: datetime = value
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

@@ -327,7 +327,8 @@ class ActionStore(StoreBase):
         releases the leases. An action whose lease this worker lost is left as it is."""
         if not items:
             return
-        at = stamp(now or utcnow(), self.is_postgres)
+        pg = self.is_postgres
+        at = stamp(now or utcnow(), pg)
         items = sorted(items, key=lambda f: f.action_id)  # one lock order (PostgreSQL)
         attempts = [
             (f.attempt_id, str(f.outcome), at, f.http_status, f.error)
@@ -344,7 +345,9 @@ class ActionStore(StoreBase):
             self.engine,
             [
                 _Step(st.finish_attempt, attempts, many=True),
-                _Step(st.finish_action, [_finished_row(f, at, worker) for f in items], many=True),
+                _Step(
+                    st.finish_action, [_finished_row(f, at, worker, pg) for f in items], many=True
+                ),
                 _Step(st.repoll, repoll, many=True),
             ],
         )
@@ -383,11 +386,12 @@ def _outcome(value: str | None) -> AttemptOutcome | None:
         return None
 
 
-def _finished_row(f: Finish, now: Any, worker: str) -> Row:
+def _finished_row(f: Finish, now: Any, worker: str, pg: bool) -> Row:
     """The row of `finish_action` for one outcome: what its status sets, NULL where the column
     keeps its value (result unless succeeded; attempts unless a try that sent nothing is
-    counted here; next_attempt_at unless pending)."""
+    counted here; next_attempt_at unless pending). `now` is already in the driver's form."""
     succeeded = f.status == ActionStatus.SUCCEEDED
+    pending = f.status == ActionStatus.PENDING
     return (
         f.action_id,
         worker,
@@ -397,7 +401,7 @@ def _finished_row(f: Finish, now: Any, worker: str) -> Row:
         json_value(f.result) if succeeded else None,  # None is stored as JSON null, as before
         None if succeeded else f.error,  # last_error
         None if succeeded else f.attempts,
-        (f.next_attempt_at or now) if f.status == ActionStatus.PENDING else None,
+        (stamp(f.next_attempt_at, pg) if f.next_attempt_at else now) if pending else None,
     )
 
 
