@@ -461,9 +461,18 @@ def _claim(store: StoreBase, *, due: bool) -> Any:
     )
     if due:
         candidates = candidates.where(tasks.c.next_poll_at <= b("due", type_=time))
+    chosen = store.skip_locked(candidates).scalar_subquery()
+    if store.is_postgres:
+        # = ANY(array(subquery)): the chosen ids are an InitPlan, and the update finds them by
+        # primary key. With IN (subquery), the generic plan that a prepared statement settles
+        # on after five runs hash-joins the whole table: 21 ms a claim instead of 4 at 18,000
+        # tasks (EXPLAIN ANALYZE under plan_cache_mode = force_generic_plan).
+        picked = tasks.c.id == sa.any_(sa.func.array(chosen))
+    else:
+        picked = tasks.c.id.in_(chosen)
     return (
         tasks.update()
-        .where(tasks.c.id.in_(store.skip_locked(candidates).scalar_subquery()))
+        .where(picked)
         .values(lease_owner=b("worker"), lease_until=b("lease_until", type_=time))
         .returning(
             tasks.c.id,
