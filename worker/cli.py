@@ -25,6 +25,7 @@ from worker.catalog import (
 )
 from worker.config import EX_CONFIG, ConfigError, LoadedConfig, load_config
 from worker.model import ActionStatus
+from worker.startup import defer_collection, resume_collection
 
 if TYPE_CHECKING:
     from worker.store import Store
@@ -156,6 +157,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    defer_collection()  # until the command's modules are loaded (worker/startup.py)
     try:
         args = build_parser().parse_args(argv)
         _setup_logging(args)
@@ -253,6 +255,7 @@ def _config(args: argparse.Namespace) -> LoadedConfig:
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
     import anyio
 
+    resume_collection()
     return anyio.run(fn, backend="asyncio")
 
 
@@ -303,6 +306,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     loaded = _config(args)
     url = loaded.settings.database.url
     check_not_newer(url)
+    resume_collection()
     revision = upgrade(url)
     print(f"database {redact_url(url)} is at revision {revision}")
     return 0
@@ -650,6 +654,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     loaded = _config(args)
     _ensure_schema(loaded.settings.database.url)
+    resume_collection()
     return run_daemon(loaded, Hooks.from_environ(os.environ))
 
 
@@ -662,6 +667,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         raise InvalidInput("--seed-tasks must be zero or more")
     if args.mutate_every is not None and not 0 < args.mutate_every < float("inf"):
         raise InvalidInput("--mutate-every must be a positive number of seconds")
+    resume_collection()
     try:
         return serve(
             port=args.port,
@@ -713,6 +719,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
+    resume_collection()
     return run_demo()
 
 
