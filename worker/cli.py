@@ -271,18 +271,38 @@ def _ensure_schema(url: str) -> None:
     ensure_schema(url)
 
 
-async def _with_store(loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]]) -> T:
+async def _with_store(
+    loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]], *, check_schema: bool = False
+) -> T:
     store = _open_store(loaded)
     try:
+        if check_schema:
+            from worker.store.migrate import check_schema as check
+
+            await check(store.engine)
         return await fn(store)
     finally:
         await store.aclose()
 
 
-def _store_call(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
-    loaded = _config(args)
+def _with_schema(loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]]) -> T:
+    """`fn` on the store, once the schema is known to be current (docs/interface.md: a database
+    never migrated is migrated on first use; an older one asks for `tasksync migrate`).
+
+    The revision is read on the command's own engine: no second engine and connection first.
+    """
+    from worker.store.migrate import NeverMigrated
+
+    try:
+        return _run(lambda: _with_store(loaded, fn, check_schema=True))
+    except NeverMigrated:
+        pass
     _ensure_schema(loaded.settings.database.url)  # outside the event loop: Alembic runs its own
     return _run(lambda: _with_store(loaded, fn))
+
+
+def _store_call(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
+    return _with_schema(_config(args), fn)
 
 
 def _parse_id(text: str) -> int:
@@ -344,20 +364,17 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     loaded = _config(args)
     section = getattr(loaded.settings.systems, spec.system)
     params = validate_params(spec, configured_defaults(spec, section) | given, option_name)
-    _ensure_schema(loaded.settings.database.url)
-    action_id, _created = _run(
-        lambda: _with_store(
-            loaded,
-            lambda store: store.enqueue(
-                system,
-                task_id,
-                spec.kind,
-                params,
-                key=args.key,
-                max_attempts=args.max_attempts,
-                requested_by=by,
-            ),
-        )
+    action_id, _created = _with_schema(
+        loaded,
+        lambda store: store.enqueue(
+            system,
+            task_id,
+            spec.kind,
+            params,
+            key=args.key,
+            max_attempts=args.max_attempts,
+            requested_by=by,
+        ),
     )
     print(action_id)
     return 0
@@ -733,14 +750,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not retention.configured:
         print("nothing to prune: no [retention] age is configured (every row is kept)")
         return 0
-    _ensure_schema(loaded.settings.database.url)
-    report = _run(
-        lambda: _with_store(
-            loaded,
-            lambda store: prune_once(
-                store, retention, worker_name(), dry_run=args.dry_run, vacuum=args.vacuum
-            ),
-        )
+    report = _with_schema(
+        loaded,
+        lambda store: prune_once(
+            store, retention, worker_name(), dry_run=args.dry_run, vacuum=args.vacuum
+        ),
     )
     verb = "would remove" if report.dry_run else "removed"
     print(table(("table", verb), [(t, n) for t, n in report.rows.items()]))
@@ -777,14 +791,11 @@ def cmd_events(args: argparse.Namespace) -> int:
     emit = _print_events_json if args.json else _print_events
     loaded = _config(args)
     url = loaded.settings.database.url
-    _ensure_schema(url)
-    kept = _run(
-        lambda: _with_store(
-            loaded,
-            lambda store: stream_events(
-                store, url, since=since, follow=args.follow, systems=systems, kinds=kinds, emit=emit
-            ),
-        )
+    kept = _with_schema(
+        loaded,
+        lambda store: stream_events(
+            store, url, since=since, follow=args.follow, systems=systems, kinds=kinds, emit=emit
+        ),
     )
     if not kept:  # the reader went away: not an error of ours
         _silence_stdout()
