@@ -22,8 +22,9 @@ from worker.store.migrate import HEAD_REVISION, current_revision
 
 pytestmark = pytest.mark.anyio
 
-# never needed by a worker command that does not migrate, whatever the database
-NEVER = ("alembic", "mako", "worker.sandbox", "rich")
+# never needed by a worker command that does not migrate, whatever the database (Prometheus:
+# only `run` with a metrics listener)
+NEVER = ("alembic", "mako", "worker.sandbox", "rich", "prometheus_client")
 # a dialect and its driver only for its own database
 OTHER_DATABASE = {
     "sqlite": ("sqlalchemy.dialects.postgresql", "asyncpg"),
