@@ -255,7 +255,7 @@ def _config(args: argparse.Namespace) -> LoadedConfig:
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
     import anyio
 
-    resume_collection()
+    resume_collection()  # the command's modules are loaded by now (worker/startup.py)
     return anyio.run(fn, backend="asyncio")
 
 

@@ -97,7 +97,7 @@ def ensure_schema(url: str) -> None:
 async def check_schema(engine: AsyncEngine) -> None:
     """ensure_schema's check on the engine a command works with, in its event loop: one
     connection where ensure_schema opens an engine of its own first (on PostgreSQL a second
-    connection and dialect initialisation, ~20 ms of a 0.35 s `tasksync status`). Raises
+    connection and dialect initialisation, ~15 ms of a 0.35 s `tasksync status`). Raises
     NeverMigrated for the caller to migrate, or SchemaOutdated as ensure_schema does."""
     current = await read_revision(engine)
     if current is None:
