@@ -9,12 +9,13 @@ and no SQLite one for a PostgreSQL URL. Read from the real command's `-X importt
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
-from tests.support.cli import run_cli, run_cli_async
+from tests.support.cli import clean_env, run_cli, run_cli_async
 from tests.support.db import Database
 from worker.sandbox import Sandbox
 from worker.store import Store
@@ -147,3 +148,59 @@ async def test_status_refuses_a_schema_from_a_newer_version(
         f"not know (its newest is {HEAD_REVISION}): was it migrated by a newer version? "
         "upgrade tasksync\n"
     )
+
+
+# Start-up defers cyclic garbage collection until the command's modules are loaded
+# (worker/startup.py): every command that then works in an event loop (all the long-running
+# ones do) must find collection on again when the loop starts.
+PROBE = """
+import gc, os, sys
+import anyio
+
+def probe(*args, **kwargs):
+    sys.stderr.write(f"collecting at the event loop: {gc.isenabled()}\\n")
+    sys.stderr.flush()
+    os._exit(0)
+
+anyio.run = probe
+from worker.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("status",),
+        ("sync", "--all"),
+        ("apply",),
+        ("discover",),
+        ("run",),
+        ("events", "--follow"),
+        ("sandbox", "--port", "0"),
+        ("demo",),
+    ],
+)
+def test_long_running_commands_collect_garbage(tmp_path: Path, command: tuple[str, ...]) -> None:
+    url = f"sqlite:///{tmp_path / 'gc.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *command],
+        capture_output=True,
+        text=True,
+        env=clean_env({"TASKSYNC_DATABASE__URL": url}),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert result.stderr == "collecting at the event loop: True\n", result.stderr[-2000:]
+
+
+def test_collection_is_deferred_only_by_main() -> None:
+    import gc
+
+    from worker import startup
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    startup.resume_collection()  # a library's call: nothing deferred, nothing frozen
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
