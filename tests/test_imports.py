@@ -97,7 +97,9 @@ def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return run_cli(*args, env={"TASKSYNC_DATABASE__URL": url, "PYTHONPROFILEIMPORTTIME": "1"})
 
 
-@pytest.mark.parametrize("command", [("status",), ("actions",), ("show", "aicc", "t-1")])
+@pytest.mark.parametrize(
+    "command", [("status",), ("actions",), ("show", "aicc", "t-1")], ids=" ".join
+)
 def test_read_commands_do_not_load_alembic_on_a_current_database(
     database: Database, command: tuple[str, ...]
 ) -> None:
@@ -180,6 +182,7 @@ sys.exit(main(sys.argv[1:]))
         ("sandbox", "--port", "0"),
         ("demo",),
     ],
+    ids=" ".join,
 )
 def test_long_running_commands_collect_garbage(tmp_path: Path, command: tuple[str, ...]) -> None:
     url = f"sqlite:///{tmp_path / 'gc.db'}"
