@@ -24,8 +24,9 @@ from worker.store.migrate import HEAD_REVISION, current_revision
 pytestmark = pytest.mark.anyio
 
 # never needed by a worker command that does not migrate, whatever the database (Prometheus:
-# only `run` with a metrics listener)
-NEVER = ("alembic", "mako", "worker.sandbox", "rich", "prometheus_client")
+# only `run` with a metrics listener; aiohttp: the sandbox and that listener, never the calls
+# to the upstreams, which have their own transport)
+NEVER = ("alembic", "mako", "worker.sandbox", "rich", "prometheus_client", "aiohttp")
 # a dialect and its driver only for its own database
 OTHER_DATABASE = {
     "sqlite": ("sqlalchemy.dialects.postgresql", "asyncpg"),
@@ -75,7 +76,8 @@ async def test_sync_and_apply_import_only_what_they_use(
         assert [e.params["comment"] for e in sb.applied("secmaster", task)] == ["traced"]
     for result in (synced, applied):
         modules = imported(result.stderr)
-        assert "worker.store" in modules and "aiohttp" in modules  # the report is complete
+        # the report is complete: the store and the upstream transport are in it
+        assert "worker.store" in modules and "worker.upstreams.transport" in modules
         for package in (*NEVER, *OTHER_DATABASE[database.kind]):
             assert not loaded(modules, package), (result.args, package, loaded(modules, package))
 
