@@ -13,7 +13,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from worker.store.engine import async_url, create_engine, sqlite_path
-from worker.store.schema import UTCDateTime, metadata
+from worker.store.schema import Json, UTCDateTime, metadata
 
 config = context.config
 
@@ -32,6 +32,9 @@ def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[Fa
     # written as the DDL type it compiles to.
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
+    if type_ == "type" and isinstance(obj, Json):  # as the revisions before it was a decorator
+        autogen_context.imports.add("from sqlalchemy.dialects import postgresql")
+        return 'sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")'
     return False
 
 

@@ -25,6 +25,7 @@ from worker.catalog import (
 )
 from worker.config import EX_CONFIG, ConfigError, LoadedConfig, load_config
 from worker.model import ActionStatus
+from worker.startup import defer_collection, resume_collection
 
 if TYPE_CHECKING:
     from worker.store import Store
@@ -156,6 +157,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    defer_collection()  # until the command's modules are loaded (worker/startup.py)
     try:
         args = build_parser().parse_args(argv)
         _setup_logging(args)
@@ -253,6 +255,7 @@ def _config(args: argparse.Namespace) -> LoadedConfig:
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
     import anyio
 
+    resume_collection()  # the command's modules are loaded by now (worker/startup.py)
     return anyio.run(fn, backend="asyncio")
 
 
@@ -268,18 +271,38 @@ def _ensure_schema(url: str) -> None:
     ensure_schema(url)
 
 
-async def _with_store(loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]]) -> T:
+async def _with_store(
+    loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]], *, check_schema: bool = False
+) -> T:
     store = _open_store(loaded)
     try:
+        if check_schema:
+            from worker.store.migrate import check_schema as check
+
+            await check(store.engine)
         return await fn(store)
     finally:
         await store.aclose()
 
 
-def _store_call(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
-    loaded = _config(args)
+def _with_schema(loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]]) -> T:
+    """`fn` on the store, once the schema is known to be current (docs/interface.md: a database
+    never migrated is migrated on first use; an older one asks for `tasksync migrate`).
+
+    The revision is read on the command's own engine: no second engine and connection first.
+    """
+    from worker.store.migrate import NeverMigrated
+
+    try:
+        return _run(lambda: _with_store(loaded, fn, check_schema=True))
+    except NeverMigrated:
+        pass
     _ensure_schema(loaded.settings.database.url)  # outside the event loop: Alembic runs its own
     return _run(lambda: _with_store(loaded, fn))
+
+
+def _store_call(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
+    return _with_schema(_config(args), fn)
 
 
 def _parse_id(text: str) -> int:
@@ -303,6 +326,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     loaded = _config(args)
     url = loaded.settings.database.url
     check_not_newer(url)
+    resume_collection()
     revision = upgrade(url)
     print(f"database {redact_url(url)} is at revision {revision}")
     return 0
@@ -340,20 +364,17 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     loaded = _config(args)
     section = getattr(loaded.settings.systems, spec.system)
     params = validate_params(spec, configured_defaults(spec, section) | given, option_name)
-    _ensure_schema(loaded.settings.database.url)
-    action_id, _created = _run(
-        lambda: _with_store(
-            loaded,
-            lambda store: store.enqueue(
-                system,
-                task_id,
-                spec.kind,
-                params,
-                key=args.key,
-                max_attempts=args.max_attempts,
-                requested_by=by,
-            ),
-        )
+    action_id, _created = _with_schema(
+        loaded,
+        lambda store: store.enqueue(
+            system,
+            task_id,
+            spec.kind,
+            params,
+            key=args.key,
+            max_attempts=args.max_attempts,
+            requested_by=by,
+        ),
     )
     print(action_id)
     return 0
@@ -650,6 +671,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     loaded = _config(args)
     _ensure_schema(loaded.settings.database.url)
+    resume_collection()
     return run_daemon(loaded, Hooks.from_environ(os.environ))
 
 
@@ -662,6 +684,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         raise InvalidInput("--seed-tasks must be zero or more")
     if args.mutate_every is not None and not 0 < args.mutate_every < float("inf"):
         raise InvalidInput("--mutate-every must be a positive number of seconds")
+    resume_collection()
     try:
         return serve(
             port=args.port,
@@ -713,6 +736,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
+    resume_collection()
     return run_demo()
 
 
@@ -726,14 +750,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not retention.configured:
         print("nothing to prune: no [retention] age is configured (every row is kept)")
         return 0
-    _ensure_schema(loaded.settings.database.url)
-    report = _run(
-        lambda: _with_store(
-            loaded,
-            lambda store: prune_once(
-                store, retention, worker_name(), dry_run=args.dry_run, vacuum=args.vacuum
-            ),
-        )
+    report = _with_schema(
+        loaded,
+        lambda store: prune_once(
+            store, retention, worker_name(), dry_run=args.dry_run, vacuum=args.vacuum
+        ),
     )
     verb = "would remove" if report.dry_run else "removed"
     print(table(("table", verb), [(t, n) for t, n in report.rows.items()]))
@@ -770,14 +791,11 @@ def cmd_events(args: argparse.Namespace) -> int:
     emit = _print_events_json if args.json else _print_events
     loaded = _config(args)
     url = loaded.settings.database.url
-    _ensure_schema(url)
-    kept = _run(
-        lambda: _with_store(
-            loaded,
-            lambda store: stream_events(
-                store, url, since=since, follow=args.follow, systems=systems, kinds=kinds, emit=emit
-            ),
-        )
+    kept = _with_schema(
+        loaded,
+        lambda store: stream_events(
+            store, url, since=since, follow=args.follow, systems=systems, kinds=kinds, emit=emit
+        ),
     )
     if not kept:  # the reader went away: not an error of ours
         _silence_stdout()

@@ -13,6 +13,7 @@ import anyio
 from worker.config import ConfigError, LoadedConfig
 from worker.hooks import Hooks
 from worker.model import System
+from worker.startup import resume_collection
 from worker.store import SqliteWorkerLock, Store, sqlite_path, worker_name
 from worker.store.engine import async_url
 from worker.store.migrate import ensure_schema
@@ -73,6 +74,15 @@ async def with_worker(
             for client in upstreams.values():
                 await client.aclose()
             await store.aclose()
+
+
+def _run_worker(
+    loaded: LoadedConfig, fn: Callable[[Store, dict[System, Upstream], str], Awaitable[int]]
+) -> int:
+    """Hold the worker lock and run `fn` in an event loop (the command's modules are loaded)."""
+    with worker_lock(loaded.settings.database.url):
+        resume_collection()
+        return anyio.run(lambda: with_worker(loaded, fn), backend="asyncio")
 
 
 class ProgressBar(AbstractContextManager["ProgressBar"]):
@@ -136,8 +146,7 @@ def run_sync(loaded: LoadedConfig, *, systems: Sequence[str], all_tasks: bool, q
             print(f"polled {stats.polled} task(s): {stats.changed} changed, {stats.failed} failed")
         return 0
 
-    with worker_lock(loaded.settings.database.url):
-        return anyio.run(lambda: with_worker(loaded, go), backend="asyncio")
+    return _run_worker(loaded, go)
 
 
 def run_discover(loaded: LoadedConfig, *, systems: Sequence[str], quiet: bool) -> int:
@@ -158,8 +167,7 @@ def run_discover(loaded: LoadedConfig, *, systems: Sequence[str], quiet: bool) -
             print(f"tasksync: discovery failed: {failure}", file=sys.stderr)
         return 1 if stats.failed else 0
 
-    with worker_lock(loaded.settings.database.url):
-        return anyio.run(lambda: with_worker(loaded, go), backend="asyncio")
+    return _run_worker(loaded, go)
 
 
 def run_apply(loaded: LoadedConfig, hooks: Hooks | None = None) -> int:
@@ -174,5 +182,4 @@ def run_apply(loaded: LoadedConfig, hooks: Hooks | None = None) -> int:
         print(f"actions: {stats}")
         return 0
 
-    with worker_lock(loaded.settings.database.url):
-        return anyio.run(lambda: with_worker(loaded, go), backend="asyncio")
+    return _run_worker(loaded, go)

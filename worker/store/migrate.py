@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 # The newest revision, known without importing Alembic (it costs a tenth of a second on every
 # command); tests/test_migrations.py checks it against the revisions on disk.
@@ -42,27 +45,36 @@ def current_revision(url: str) -> str | None:
     """The database's revision, or None when it has never been migrated."""
     import asyncio
 
-    import sqlalchemy as sa
-
     from worker.store.engine import create_engine
 
     async def look() -> str | None:
         engine = create_engine(url, pool_size=1)
         try:
-            async with engine.connect() as conn:
-                exists = await conn.run_sync(lambda c: sa.inspect(c).has_table("alembic_version"))
-                if not exists:
-                    return None
-                value = await conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
-                return None if value is None else str(value)
+            return await read_revision(engine)
         finally:
             await engine.dispose()
 
     return asyncio.run(look())
 
 
+async def read_revision(engine: AsyncEngine) -> str | None:
+    """The revision of the database behind an open engine, or None when never migrated."""
+    import sqlalchemy as sa
+
+    async with engine.connect() as conn:
+        exists = await conn.run_sync(lambda c: sa.inspect(c).has_table("alembic_version"))
+        if not exists:
+            return None
+        value = await conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
+    return None if value is None else str(value)
+
+
 class SchemaOutdated(Exception):
     """The database is at an older revision: `tasksync migrate` must run first."""
+
+
+class NeverMigrated(Exception):
+    """check_schema found no schema: `upgrade` it, outside the event loop, then go on."""
 
 
 _checked: set[str] = set()
@@ -80,6 +92,19 @@ def ensure_schema(url: str) -> None:
     elif current != HEAD_REVISION:
         raise SchemaOutdated(_revision_problem(url, current))
     _checked.add(url)
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """ensure_schema's check on the engine a command works with, in its event loop: one
+    connection where ensure_schema opens an engine of its own first (on PostgreSQL a second
+    connection and dialect initialisation, ~15 ms of a 0.35 s `tasksync status`). Raises
+    NeverMigrated for the caller to migrate, or SchemaOutdated as ensure_schema does."""
+    current = await read_revision(engine)
+    if current is None:
+        raise NeverMigrated
+    if current != HEAD_REVISION:
+        # the URL only locates the revisions shipped in the package: its password stays hidden
+        raise SchemaOutdated(_revision_problem(str(engine.url), current))
 
 
 def _revision_problem(url: str, current: str) -> str:

@@ -1,0 +1,71 @@
+"""The driver-level batch statements (worker/store/bulk.py): values in the driver's form must be
+what SQLAlchemy's own processing would have stored, on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
+
+from tests.support.db import Database
+from worker.store import Store
+from worker.store.bulk import Bulk, id_list, in_id_list, stamp
+from worker.store.schema import UTCDateTime, tasks
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 12, 7, 18, 43, 10, 123456, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(999, 3, 4, 5, 6, 7, 8, tzinfo=UTC),  # a year of three digits is padded
+        datetime(2026, 6, 1, 2, 0, 0, 5, tzinfo=timezone(timedelta(hours=8))),  # to UTC first
+    ],
+)
+def test_sqlite_stamp_is_the_text_sqlalchemy_stores(moment: datetime) -> None:
+    dialect = sqlite.dialect()
+    column_type = UTCDateTime()
+    processed = column_type.process_bind_param(moment, dialect)
+    stored = column_type.impl.dialect_impl(dialect).bind_processor(dialect)(processed)  # type: ignore[misc]
+    assert stamp(moment, postgres=False) == stored
+    assert stamp(moment, postgres=True) == moment.astimezone(UTC)
+
+
+def test_a_naive_stamp_is_refused() -> None:
+    with pytest.raises(ValueError, match="naive"):
+        stamp(datetime(2026, 1, 1), postgres=False)
+
+
+def test_a_statement_binding_a_name_twice_is_given_it_twice() -> None:
+    b = sa.bindparam
+    statement = sa.select(sa.literal_column("1")).where(sa.and_(b("a") == b("b"), b("b") != b("a")))
+    bulk = Bulk(statement, ("a", "b"))
+    sql, reorder = bulk.compiled(sqlite.dialect())
+    assert sql.count("?") == 4
+    assert reorder is not None and reorder((1, 2)) == (1, 2, 2, 1)
+
+
+def test_a_statement_binding_an_unnamed_parameter_is_refused() -> None:
+    bulk = Bulk(sa.select(sa.literal(5)), ())
+    with pytest.raises(ValueError, match="not in"):
+        bulk.compiled(sqlite.dialect())
+
+
+@pytest.mark.anyio
+async def test_an_id_list_is_one_parameter_on_both_databases(
+    database: Database, store: Store
+) -> None:
+    await store.track("aicc", [f"t{i}" for i in range(10)])
+    async with store.engine.connect() as conn:
+        ids = [row[0] for row in await conn.execute(sa.select(tasks.c.id).order_by(tasks.c.id))]
+    chosen = ids[2:7]
+    release = Bulk(
+        tasks.update().where(in_id_list(store, tasks.c.id)).values(not_found=sa.true()), ("ids",)
+    )
+    async with store.engine.begin() as conn:
+        await release.run(conn, [(id_list(chosen, store.is_postgres),)])
+    async with store.engine.connect() as conn:
+        marked = [r[0] for r in await conn.execute(sa.select(tasks.c.id).where(tasks.c.not_found))]
+    assert sorted(marked) == chosen

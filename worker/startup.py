@@ -1,0 +1,44 @@
+"""A command's start-up: no cyclic garbage collection while its modules load, none at exit.
+
+A command loads some 70,000 objects that live until it exits (code, classes, SQLAlchemy's and
+pydantic's tables). Collecting while they load finds no garbage, and the interpreter's own
+collections at exit traverse them all again only to free memory the kernel frees anyway:
+together more than a quarter of `tasksync status` (0.43 s -> 0.31 s on SQLite, issue 17).
+
+So `main` defers collection; `resume_collection()` turns it back on before the command's real
+work (the event loop, a migration, a server), with what is loaded so far frozen so that later
+collections skip it; and at exit everything is frozen. Only `main` defers: a test or a library
+calling `resume_collection()` finds collection untouched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+
+_deferred = False
+_freeze_at_exit = False
+
+
+def defer_collection() -> None:
+    """Called once by `main`, before the command loads its modules."""
+    global _deferred, _freeze_at_exit
+    if gc.isenabled():
+        gc.disable()
+        _deferred = True
+    if not _freeze_at_exit:
+        # atexit runs last-registered first: this runs after the handlers registered later
+        # (they may still allocate and be collected normally), before the interpreter's own
+        # collections, which then have nothing to traverse. Nothing here needs a finalizer at
+        # exit: engines, connections, files and locks are closed explicitly.
+        atexit.register(gc.freeze)
+        _freeze_at_exit = True
+
+
+def resume_collection() -> None:
+    """The command's modules are loaded: collect again from here on, skipping them."""
+    global _deferred
+    if _deferred:
+        _deferred = False
+        gc.freeze()
+        gc.enable()
