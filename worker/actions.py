@@ -98,7 +98,8 @@ class _Pass:
     claim: bool  # claim more (run_until_idle) or only work through what it was given
     # The runner's writes, one at a time on SQLite: it has one writer anyway, and a transaction
     # waiting in SQLite's busy handler sleeps in steps of milliseconds. PostgreSQL runs them
-    # side by side: the claim skips locked rows, and the others lock our rows in id order.
+    # side by side: they touch different actions, and the claim and the lease renewal skip
+    # locked rows rather than wait for them.
     lock: AbstractAsyncContextManager[Any]
     group: int = 0  # GROUP, or fewer with fewer slots
     claimed: dict[int, ClaimedAction] = field(default_factory=dict)  # not yet written
