@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql
 
 from worker.model import JSON, ActionStatus, AttemptOutcome
 from worker.store.base import StoreBase, as_dict, json_text, utcnow
@@ -724,6 +723,8 @@ def _postgres_sets(now: Any, running: Any) -> tuple[Bulk, Bulk]:
     are bound as a few arrays rather than a message each. Data-modifying CTEs run exactly once
     and atomically with the statement. They lock rows in the order of the join, which is why
     the lease renewal skips locked rows instead of waiting (renew_action_leases)."""
+    from sqlalchemy.dialects import postgresql  # (only here: SQLite's start-up does without)
+
     b = sa.bindparam
 
     def array(name: str, kind: Any) -> Any:
