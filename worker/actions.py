@@ -388,7 +388,9 @@ class ActionRunner:
                 # their tasks back before sending anything again
                 log.exception("recording %s outcomes failed; they will be read back", len(group))
             else:
-                observe_actions([run.claimed[f.action_id] for f in group], group)
+                observe_actions(
+                    [run.claimed[f.action_id] for f in group if f.action_id in run.claimed], group
+                )
             self._done(run, [f.action_id for f in group])
 
     def _prepare(self, action: ClaimedAction) -> _Ready | str:
