@@ -497,3 +497,25 @@ def _aware(value: Any) -> datetime:
         value = datetime.fromisoformat(value)
     moment: datetime = value
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+async def test_lease_renewal_skips_rows_being_written(database: Database, store: Store) -> None:
+    """PostgreSQL: recording attempts or outcomes locks our rows in its own order, beside the
+    renewal on another connection; the renewal must not wait for them (two statements waiting
+    on each other are a deadlock), only renew the others."""
+    if database.kind != "postgres":
+        pytest.skip("SQLite writes one transaction at a time")
+    first, _ = await store.enqueue("secmaster", "t1", "comment", {"comment": "a"})
+    second, _ = await store.enqueue("secmaster", "t2", "comment", {"comment": "b"})
+    await store.claim_actions("w1", limit=10, lease=5)
+    async with store.engine.connect() as busy:
+        await busy.execute(sa.text("SELECT id FROM actions WHERE id = :i FOR UPDATE"), {"i": first})
+        with anyio.fail_after(5):
+            await store.renew_action_leases("w1", [first, second], lease=3600)
+        await busy.rollback()
+    leases = {
+        r["id"]: _aware(r["lease_until"])
+        for r in await rows(store, "SELECT id, lease_until FROM actions")
+    }
+    soon = datetime.now(UTC) + timedelta(seconds=60)
+    assert leases[first] < soon < leases[second]

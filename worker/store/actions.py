@@ -246,11 +246,23 @@ class ActionStore(StoreBase):
         if not ids:
             return
         now = utcnow()
+        mine = sa.and_(actions.c.id.in_(list(ids)), actions.c.lease_owner == worker)
+        if self.is_postgres:
+            # Rows locked right now are skipped, not waited on: the runner records attempts
+            # and outcomes beside this on other connections, each statement locking our rows
+            # in the order of its join, and two statements waiting on each other deadlock. A
+            # row skipped is being written (and released, if finished); the next renewal, a
+            # third of a lease later, covers it. (NO KEY UPDATE: what an UPDATE takes anyway;
+            # an attempt's foreign key check needs only KEY SHARE.)
+            mine = actions.c.id.in_(
+                sa.select(actions.c.id)
+                .where(mine)
+                .with_for_update(key_share=True, skip_locked=True)
+                .scalar_subquery()
+            )
         async with self.engine.begin() as conn:
             await conn.execute(
-                actions.update()
-                .where(actions.c.id.in_(list(ids)), actions.c.lease_owner == worker)
-                .values(lease_until=now + timedelta(seconds=lease))
+                actions.update().where(mine).values(lease_until=now + timedelta(seconds=lease))
             )
 
     async def release_actions(self, worker: str, ids: Sequence[int]) -> None:
