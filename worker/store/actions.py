@@ -1,12 +1,13 @@
 """The action queue: enqueue, claim in per-task order, attempts and outcomes.
 
-The four steps the action runner takes for every set of actions (`claim_actions`,
-`baseline_inputs`, `start_attempts`, `finish`) run as plain SQL on the database driver, each in
-one transaction (`_Driver`); the rest goes through SQLAlchemy. Why: those steps run several
-times a second under load, and through SQLAlchemy each cost 1-3 ms of CPU whatever the size of
-the set (building the statement and its cache key, a bind processor per parameter, and on
-SQLite three or four hops to aiosqlite's thread per statement) — more than the requests they
-guard once sets are small. Every statement is still written here, with bound parameters only.
+The steps the action runner takes for every set of actions (`claim_actions`, `baseline_inputs`,
+`start_attempts`, `finish`) are batch statements (worker/store/bulk.py: built with SQLAlchemy
+Core, compiled once per dialect, rows in the driver's form) run by `_transaction`: on SQLite a
+whole transaction in one call into aiosqlite's thread, on PostgreSQL one statement per step.
+Through SQLAlchemy's execution each step cost 1-3 ms of CPU whatever the size of the set (the
+statement's construction and cache key, a bind processor per parameter, three or four hops to
+aiosqlite's thread per statement), more than the requests they guard once sets are small. The
+rest of the queue goes through SQLAlchemy as usual.
 """
 
 from __future__ import annotations
