@@ -670,9 +670,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.service import run_daemon
 
     loaded = _config(args)
-    _ensure_schema(loaded.settings.database.url)
+    _ensure_schema_once_up(loaded.settings.database.url)
     resume_collection()
     return run_daemon(loaded, Hooks.from_environ(os.environ))
+
+
+def _ensure_schema_once_up(url: str) -> None:
+    """The daemon starts while its database is down (a host booting, a server restarting): it
+    checks the schema as soon as the database answers, one log line per try, instead of
+    exiting 1 and leaving it to systemd. A database that answers with an error still fails."""
+    import time
+
+    from worker.store.listen import describe_outage, is_outage
+
+    delay = 1.0
+    while True:
+        try:
+            _ensure_schema(url)
+            return
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("database unavailable (%s); retrying in %.0fs", describe_outage(exc), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
