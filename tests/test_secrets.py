@@ -199,6 +199,11 @@ async def test_no_secret_in_any_output_or_in_the_database(
         refused_tasks = await count(store, "tasks", "last_error LIKE '%401%'")
         tracked = await count(store, "tasks")
         refused_attempts = await count(store, "action_attempts", "error LIKE '%401%'")
+        # the refused actions carry their error now (a later apply may well succeed them all,
+        # which clears it): show it while it is there, so its text is scanned too
+        refused_actions = await count(store, "actions", "last_error IS NOT NULL")
+        if full:
+            await cli("actions", "--json")
 
         # faults: 500s, 429s, drops, garbage, and tokens that expire every few requests
         sb.set_faults("500=0.25,429=0.1,drop=0.1,malformed=0.1,expire=3")
@@ -241,7 +246,7 @@ async def test_no_secret_in_any_output_or_in_the_database(
     # the errors were really exercised: refusals and faults are recorded in the error fields
     assert refused_tasks == tracked and refused_attempts > 0, (refused_tasks, refused_attempts)
     assert await count(store, "action_attempts", "error IS NOT NULL") > refused_attempts
-    assert await count(store, "actions", "last_error IS NOT NULL") > 0
+    assert refused_actions > 0
     assert sum(auth_failures.values()) > 0 and faults.get("expire", 0) > 0, (auth_failures, faults)
     assert len(issued) >= 2  # tokens were issued (and renewed after each expiry)
 
