@@ -708,29 +708,14 @@ class _Statements:
             count_attempt=Bulk(count_attempt, ("id", "worker", "now", "baseline")),
             insert_attempts=Bulk(insert_attempts, ("ids", "worker", "now")),
             finish_attempt=Bulk(finish_attempt, ("id", "outcome", "now", "http_status", "error")),
-            finish_action=Bulk(
-                finish_action,
-                (
-                    "id",
-                    "worker",
-                    "status",
-                    "now",
-                    "finished_at",
-                    "result",
-                    "error",
-                    "attempts",
-                    "next",
-                ),
-            ),
+            finish_action=Bulk(finish_action, _FINISH_ACTION),
             repoll=Bulk(repoll, ("system", "task_id", "now")),
         )
 
 
-# The columns of finish_all's rows, in `_finished_row` order after the attempt's three.
-_FINISH_COLUMNS = (
-    "attempt_id",
-    "outcome",
-    "http",
+# The parameters of finish_action, in `_finished_row` order; finish_all's rows are the
+# attempt's three, then these.
+_FINISH_ACTION = (
     "id",
     "worker",
     "status",
@@ -741,6 +726,7 @@ _FINISH_COLUMNS = (
     "attempts",
     "next",
 )
+_FINISH_COLUMNS = ("attempt_id", "outcome", "http", *_FINISH_ACTION)
 
 
 def _postgres_sets(now: Any, running: Any) -> tuple[Bulk, Bulk]:
