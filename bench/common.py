@@ -4,6 +4,7 @@ tables and JSON results. Nothing here is measured itself."""
 from __future__ import annotations
 
 import asyncio
+import compileall
 import json
 import os
 import platform
@@ -27,6 +28,12 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 PYTHON = sys.executable
+
+# Measure tasksync as installed. `pip install .` writes the package's bytecode; the editable
+# install of a checkout does not, and with PYTHONDONTWRITEBYTECODE set (as on these machines)
+# every child process would compile the package's ~50 modules from source again (~0.1 s per
+# process, on both sides: the bare client imports the signer from it). So compile once here.
+compileall.compile_dir(ROOT / "worker", quiet=1)
 PG_ADMIN = os.environ.get(
     "TASKSYNC_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
