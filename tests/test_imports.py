@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.cli import clean_env, run_cli, run_cli_async
 from tests.support.db import Database
+from worker import startup
 from worker.sandbox import Sandbox
 from worker.store import Store
 from worker.store.migrate import HEAD_REVISION, current_revision
@@ -162,7 +163,7 @@ import gc, os, sys
 import anyio
 
 def probe(*args, **kwargs):
-    sys.stderr.write(f"collecting at the event loop: {gc.isenabled()}\\n")
+    sys.stderr.write(f"collecting at the event loop: {gc.isenabled()} {gc.get_threshold()[:2]}\\n")
     sys.stderr.flush()
     os._exit(0)
 
@@ -197,15 +198,17 @@ def test_long_running_commands_collect_garbage(tmp_path: Path, command: tuple[st
         timeout=60,
         check=False,
     )
-    assert result.stderr == "collecting at the event loop: True\n", result.stderr[-2000:]
+    expected = (startup.YOUNG_THRESHOLD, startup.MIDDLE_THRESHOLD)
+    assert result.stderr == f"collecting at the event loop: True {expected}\n", result.stderr[
+        -2000:
+    ]
 
 
 def test_collection_is_deferred_only_by_main() -> None:
     import gc
 
-    from worker import startup
-
     assert gc.isenabled()
-    frozen = gc.get_freeze_count()
-    startup.resume_collection()  # a library's call: nothing deferred, nothing frozen
+    frozen, threshold = gc.get_freeze_count(), gc.get_threshold()
+    startup.resume_collection()  # a library's call: nothing deferred, frozen or retuned
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+    assert gc.get_threshold() == threshold
