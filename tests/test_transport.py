@@ -305,3 +305,44 @@ async def test_endless_headers_are_cut_at_the_cap() -> None:
                 await get(p)
         finally:
             await p.aclose()
+
+
+async def test_deadlines_fail_only_the_late_exchanges() -> None:
+    """One timer per pool watches the busy connections' deadlines: an exchange with no answer
+    and one whose body stalls time out (no earlier than their limit), exchanges answered in
+    time beside them do not, and the pool works on afterwards."""
+
+    async def handler(request: Req) -> Reply:
+        if request.path == "/silent":
+            return Reply(http(200, b"{}"), delay=30)
+        if request.path == "/trickle":
+            return Reply(http(200, b"{}", length=10))  # announces 10 bytes, sends 2
+        return Reply(http(200, b'{"ok": 1}'), delay=0.05)
+
+    async def request(p: Pool, target: str) -> Response:
+        return await p.request(
+            "GET", target, [("Accept", "application/json")], None, time_limit=0.4, cap=1000
+        )
+
+    async with RawServer(handler) as server:
+        p = pool(server.url, limit=16)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            silent, trickle, *on_time = await asyncio.gather(
+                request(p, "/silent"),
+                request(p, "/trickle"),
+                *(request(p, "/ok") for _ in range(10)),
+                return_exceptions=True,
+            )
+            elapsed = loop.time() - started
+            assert isinstance(silent, TransportError) and silent.sent
+            assert str(silent) == "no answer within 0.4s"
+            assert isinstance(trickle, Response)
+            assert trickle.problem == "no complete answer within 0.4s"
+            assert all(isinstance(r, Response) and r.body == b'{"ok": 1}' for r in on_time)
+            assert elapsed >= 0.4  # never early; how late is the tick's business, not asserted
+            answer = await request(p, "/ok")
+            assert (answer.status, answer.problem) == (200, None)
+        finally:
+            await p.aclose()
