@@ -121,13 +121,18 @@ def test_status_migrates_a_database_never_migrated(tmp_path: Path) -> None:
     assert current_revision(url) == HEAD_REVISION
 
 
-async def test_status_asks_for_migrate_on_an_older_schema(database: Database, store: Store) -> None:
+async def test_commands_ask_for_migrate_on_an_older_schema(
+    database: Database, store: Store
+) -> None:
     async with store.engine.begin() as conn:
         await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0003'")
     for command in (
         ("status",),
         ("track", "aicc", "t-1"),
         ("enqueue", "secmaster", "t-1", "terminate"),
+        ("sync", "--all"),
+        ("apply",),
+        ("discover",),
     ):
         result = await run_cli_async(*command, env={"TASKSYNC_DATABASE__URL": database.url})
         assert result.returncode == 1, (command, result.stderr)
