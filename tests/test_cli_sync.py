@@ -97,6 +97,7 @@ async def test_progress_bar_only_on_a_terminal(database: Database, tmp_path: Pat
 
         shown = await on_tty("sync", "--all")
         assert b"polling" in shown  # the bar's label, drawn on the terminal
+        assert b"%" in shown  # with its total (counted for the bar): a percentage is shown
         hidden = await on_tty("sync", "--all", "--quiet")
         assert b"polling" not in hidden
         piped = await _cli(config, env, "sync", "--all")

@@ -125,6 +125,10 @@ class ProgressBar(AbstractContextManager["ProgressBar"]):
         if self._progress is not None:
             self._progress.stop()
 
+    def total(self, total: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, total=total)
+
     def advance(self, n: int) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
@@ -150,12 +154,10 @@ def run_sync(loaded: LoadedConfig, *, systems: Sequence[str], all_tasks: bool, q
     register_secrets(loaded)
 
     async def go(store: Store, upstreams: dict[System, Upstream], worker: str) -> int:
-        total = (
-            await store.count_due(systems or list(upstreams), all_tasks=all_tasks)
-            if upstreams
-            else 0
-        )
-        with ProgressBar("polling", total, quiet) as bar:
+        bar = ProgressBar("polling", None, quiet)
+        if bar.enabled and upstreams:  # the count is for the bar alone: none off a terminal
+            bar.total(await store.count_due(systems or list(upstreams), all_tasks=all_tasks))
+        with bar:
             stats = await SyncCycle(store, upstreams, loaded.settings, worker).run(
                 all_tasks=all_tasks, systems=systems, progress=bar.advance if bar.enabled else None
             )
