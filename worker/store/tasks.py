@@ -416,7 +416,8 @@ class _BulkWrites:
             release=Bulk(tasks.update().where(listed).values(**release), ("ids", "worker")),
             claim_due=Bulk(_claim(store, due=True), (*claim, "due")),
             snapshots=insert_rows(
-                store.insert(task_snapshots).on_conflict_do_nothing(),
+                store,
+                task_snapshots,
                 (
                     "system",
                     "task_id",
@@ -429,7 +430,8 @@ class _BulkWrites:
                 ),
             ),
             events=insert_rows(
-                store.insert(task_events).on_conflict_do_nothing(),
+                store,
+                task_events,
                 (
                     "system",
                     "task_id",
