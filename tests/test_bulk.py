@@ -11,8 +11,8 @@ from sqlalchemy.dialects import sqlite
 
 from tests.support.db import Database
 from worker.store import Store
-from worker.store.bulk import Bulk, id_list, in_id_list, insert_rows, json_text, stamp
-from worker.store.schema import UTCDateTime, task_events, tasks
+from worker.store.bulk import Bulk, id_list, in_id_list, stamp
+from worker.store.schema import UTCDateTime, tasks
 
 
 @pytest.mark.parametrize(
@@ -69,79 +69,3 @@ async def test_an_id_list_is_one_parameter_on_both_databases(
     async with store.engine.connect() as conn:
         marked = [r[0] for r in await conn.execute(sa.select(tasks.c.id).where(tasks.c.not_found))]
     assert sorted(marked) == chosen
-
-
-EVENT_COLUMNS = (
-    "system",
-    "task_id",
-    "kind",
-    "dedup_key",
-    "snapshot_seq",
-    "occurred_at",
-    "observed_at",
-    "data",
-)
-
-
-def _event(key: str, data: object, task_id: str = "t1") -> tuple[object, ...]:
-    now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
-    return ("aicc", task_id, "trace", key, 1, None, now, data)
-
-
-@pytest.mark.anyio
-async def test_inserted_rows_keep_their_order_and_skip_conflicts(
-    database: Database, store: Store
-) -> None:
-    """insert_rows (one array per column on PostgreSQL, executemany on SQLite): ids follow the
-    batch's order, a row conflicting with a stored one or with one earlier in the same batch
-    is skipped, JSON arrives as JSON and NULLs stay NULL."""
-    insert = insert_rows(store, task_events, EVENT_COLUMNS)
-    pg = store.is_postgres
-
-    def rows(*events: tuple[object, ...]) -> list[tuple[object, ...]]:
-        return [(*e[:5], stamp(e[5], pg), stamp(e[6], pg), json_text(e[7])) for e in events]
-
-    async with store.engine.begin() as conn:
-        await insert.run(conn, rows(_event("k3", {"a": [1, 2]}), _event("k1", None)))
-    async with store.engine.begin() as conn:
-        await insert.run(
-            conn,
-            rows(
-                _event("k1", {"again": True}),  # conflicts with a stored row
-                _event("k2", "two"),
-                _event("k0", {"n\u00e9": "\u00e9t\u00e9"}),
-                _event("k2", "twice"),  # conflicts with a row earlier in this batch
-            ),
-        )
-    async with store.engine.connect() as conn:
-        stored = (
-            await conn.execute(
-                sa.select(
-                    task_events.c.dedup_key, task_events.c.data, task_events.c.occurred_at
-                ).order_by(task_events.c.id)
-            )
-        ).all()
-    assert [tuple(r) for r in stored] == [
-        ("k3", {"a": [1, 2]}, None),
-        ("k1", None, None),
-        ("k2", "two", None),
-        ("k0", {"n\u00e9": "\u00e9t\u00e9"}, None),
-    ]
-
-
-@pytest.mark.anyio
-async def test_an_inserted_value_too_long_for_its_column_is_refused(
-    database: Database, store: Store
-) -> None:
-    """The arrays are of unbounded text: a value longer than its varchar(n) column fails the
-    INSERT as one row would, never stored cut short (SQLite does not enforce the length)."""
-    if not store.is_postgres:
-        pytest.skip("SQLite stores text of any length in a VARCHAR(n) column")
-    insert = insert_rows(store, task_events, EVENT_COLUMNS)
-    now = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
-    long_id = "x" * 300  # task_id is VARCHAR(255)
-    with pytest.raises(sa.exc.DBAPIError, match="too long"):
-        async with store.engine.begin() as conn:
-            await insert.run(conn, [("aicc", long_id, "trace", "k", 1, None, now, json_text({}))])
-    async with store.engine.connect() as conn:
-        assert (await conn.scalar(sa.select(sa.func.count()).select_from(task_events))) == 0

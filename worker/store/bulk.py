@@ -106,57 +106,6 @@ def id_list(ids: Sequence[int], postgres: bool) -> Any:
     return list(ids) if postgres else json_text(list(ids))
 
 
-def insert_rows(store: Any, table: sa.Table, names: Sequence[str]) -> Bulk:
-    """INSERT of rows binding `names` into `table`, each row doing nothing when it conflicts
-    with one already stored (or one before it in the same batch)."""
-    if not store.is_postgres:
-        values: dict[str, Any] = {n: sa.bindparam(n) for n in names}
-        return Bulk(store.insert(table).values(values).on_conflict_do_nothing(), tuple(names))
-    return ColumnInsert(_unnest_insert(store, table, names), tuple(names))
-
-
-@dataclass(eq=False)
-class ColumnInsert(Bulk):
-    """A batch INSERT sent to PostgreSQL as one statement, with one array per column.
-
-    asyncpg's executemany sends a batch of N rows as N bound executions of the INSERT, and the
-    server runs each: per row, asyncpg encodes the parameters (the JSONB ones in Python, through
-    SQLAlchemy's codec) and the executor starts up. Arrays of text, numbers and timestamps are
-    encoded in asyncpg's C code, and the server unnests them in one executor run (see
-    `_unnest_insert`). Rows are given as for Bulk: tuples in the order of `names`."""
-
-    async def run(self, conn: AsyncConnection, rows: Sequence[Row]) -> None:
-        if not rows:
-            return
-        sql, reorder = self.compiled(conn.dialect)
-        columns = tuple(list(column) for column in zip(*rows, strict=True))
-        await conn.exec_driver_sql(sql, reorder(columns) if reorder else columns)
-
-
-def _unnest_insert(store: Any, table: sa.Table, names: Sequence[str]) -> sa.ClauseElement:
-    """INSERT INTO table (names) SELECT ... FROM unnest($1::text[], $2::int[], ...) WITH
-    ORDINALITY ORDER BY ordinality ON CONFLICT DO NOTHING.
-
-    The arrays are of the unbounded base types (text, not varchar(n)): a cast to varchar(n)
-    would cut a longer value short silently, where the INSERT into the column refuses it as
-    storing one row does. JSON goes as text and is cast to the column's JSONB. The rows are
-    inserted in the order given, so ids keep following the batch as they do row by row."""
-    from sqlalchemy.dialects.postgresql import JSONB
-
-    from worker.store.schema import Json
-
-    def element_type(column: sa.Column[Any]) -> Any:
-        return sa.Text() if isinstance(column.type, sa.String | Json) else column.type
-
-    columns = [table.c[n] for n in names]
-    arrays = [sa.cast(sa.bindparam(c.name), sa.ARRAY(element_type(c))) for c in columns]
-    rows = sa.func.unnest(*arrays).table_valued(*names, with_ordinality="n").render_derived()
-    picked = [
-        sa.cast(rows.c[c.name], JSONB) if isinstance(c.type, Json) else rows.c[c.name]
-        for c in columns
-    ]
-    select = sa.select(*picked).order_by(rows.c.n)
-    insert: sa.ClauseElement = (
-        store.insert(table).from_select(list(names), select).on_conflict_do_nothing()
-    )
-    return insert
+def insert_rows(insert: Any, names: Sequence[str]) -> Bulk:
+    """`insert` (a dialect INSERT, e.g. with on_conflict_do_nothing) binding `names`."""
+    return Bulk(insert.values({n: sa.bindparam(n) for n in names}), tuple(names))

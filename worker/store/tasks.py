@@ -416,8 +416,7 @@ class _BulkWrites:
             release=Bulk(tasks.update().where(listed).values(**release), ("ids", "worker")),
             claim_due=Bulk(_claim(store, due=True), (*claim, "due")),
             snapshots=insert_rows(
-                store,
-                task_snapshots,
+                store.insert(task_snapshots).on_conflict_do_nothing(),
                 (
                     "system",
                     "task_id",
@@ -430,8 +429,7 @@ class _BulkWrites:
                 ),
             ),
             events=insert_rows(
-                store,
-                task_events,
+                store.insert(task_events).on_conflict_do_nothing(),
                 (
                     "system",
                     "task_id",
