@@ -28,6 +28,9 @@ import gc
 YOUNG_THRESHOLD = 50_000
 MIDDLE_THRESHOLD = 20
 
+# The event loop of the commands that poll and apply: uvloop's (libuv, its transports in C).
+LOOP_OPTIONS = {"use_uvloop": True}
+
 _deferred = False
 _freeze_at_exit = False
 
