@@ -209,6 +209,43 @@ def test_long_running_commands_collect_garbage(tmp_path: Path, command: tuple[st
     ]
 
 
+# Every event loop a command runs, by the module of its class, then the command goes on.
+LOOPS = """
+import asyncio, sys
+import anyio
+
+real = anyio.run
+
+def run(fn, *args, **kwargs):
+    async def traced(*a):
+        sys.stderr.write(f"loop: {type(asyncio.get_running_loop()).__module__}\\n")
+        return await fn(*a)
+    return real(traced, *args, **kwargs)
+
+anyio.run = run
+from worker.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", [("sync", "--all"), ("apply",), ("discover",)], ids=" ".join)
+def test_worker_commands_run_on_uvloop(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """The commands that poll and apply work on uvloop's event loop (worker/startup.py)."""
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", LOOPS, *command],
+        capture_output=True,
+        text=True,
+        env=clean_env({"TASKSYNC_DATABASE__URL": url}),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    loops = [line for line in result.stderr.splitlines() if line.startswith("loop: ")]
+    assert loops and loops[-1] == "loop: uvloop", result.stderr[-2000:]
+
+
 def test_collection_is_deferred_only_by_main() -> None:
     import gc
 

@@ -13,7 +13,7 @@ import anyio
 from worker.config import ConfigError, LoadedConfig
 from worker.hooks import Hooks
 from worker.model import System
-from worker.startup import resume_collection
+from worker.startup import LOOP_OPTIONS, resume_collection
 from worker.store import SqliteWorkerLock, Store, sqlite_path, worker_name
 from worker.store.engine import async_url
 from worker.store.migrate import NeverMigrated, check_schema, upgrade
@@ -96,11 +96,17 @@ def _run_worker(
     with worker_lock(url):
         resume_collection()
         try:
-            return anyio.run(lambda: with_worker(loaded, fn, check=True), backend="asyncio")
+            return anyio.run(
+                lambda: with_worker(loaded, fn, check=True),
+                backend="asyncio",
+                backend_options=LOOP_OPTIONS,
+            )
         except NeverMigrated:
             pass
         upgrade(url)  # outside the event loop: Alembic runs its own
-        return anyio.run(lambda: with_worker(loaded, fn), backend="asyncio")
+        return anyio.run(
+            lambda: with_worker(loaded, fn), backend="asyncio", backend_options=LOOP_OPTIONS
+        )
 
 
 class ProgressBar(AbstractContextManager["ProgressBar"]):

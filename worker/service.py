@@ -44,6 +44,7 @@ from worker.metrics import observe_database
 from worker.model import System
 from worker.notify import Liveness, Notifier, ping_if_healthy, watchdog_interval
 from worker.runner import register_secrets, worker_lock
+from worker.startup import LOOP_OPTIONS
 from worker.store import ClaimedAction, Finish, Store, create_engine, utcnow, worker_name
 from worker.store.listen import ActionListener, describe_outage, is_outage, leased_ids, queue_depth
 from worker.sync import CycleStats, SyncCycle, discover
@@ -68,7 +69,7 @@ def run_daemon(loaded: LoadedConfig, hooks: Hooks | None = None) -> int:
             loaded.settings, GatedStore(create_engine(url)), hooks or Hooks(), http=http
         )
         try:
-            anyio.run(daemon.serve, backend="asyncio")
+            anyio.run(daemon.serve, backend="asyncio", backend_options=LOOP_OPTIONS)
         except Exception as exc:
             # Not a traceback per task: one record, then a non-zero exit so systemd restarts us.
             log.critical("tasksync run: a loop failed; exiting", exc_info=exc)
