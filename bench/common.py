@@ -31,7 +31,7 @@ PYTHON = sys.executable
 
 # Measure tasksync as installed. `pip install .` writes the package's bytecode; the editable
 # install of a checkout does not, and with PYTHONDONTWRITEBYTECODE set (as on these machines)
-# every child process would compile the package's ~50 modules from source again (~0.1 s per
+# every child process would compile the package's ~50 modules from source again (~40 ms of CPU per
 # process, on both sides: the bare client imports the signer from it). So compile once here.
 compileall.compile_dir(ROOT / "worker", quiet=1)
 PG_ADMIN = os.environ.get(
