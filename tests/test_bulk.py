@@ -11,8 +11,8 @@ from sqlalchemy.dialects import sqlite
 
 from tests.support.db import Database
 from worker.store import Store
-from worker.store.bulk import Bulk, id_list, in_id_list, stamp
-from worker.store.schema import UTCDateTime, tasks
+from worker.store.bulk import Bulk, id_list, in_id_list, insert_rows, json_text, stamp
+from worker.store.schema import UTCDateTime, task_events, tasks
 
 
 @pytest.mark.parametrize(
@@ -69,3 +69,54 @@ async def test_an_id_list_is_one_parameter_on_both_databases(
     async with store.engine.connect() as conn:
         marked = [r[0] for r in await conn.execute(sa.select(tasks.c.id).where(tasks.c.not_found))]
     assert sorted(marked) == chosen
+
+
+EVENT_COLUMNS = (
+    "system",
+    "task_id",
+    "kind",
+    "dedup_key",
+    "snapshot_seq",
+    "occurred_at",
+    "observed_at",
+    "data",
+)
+
+
+@pytest.mark.anyio
+async def test_inserted_rows_keep_their_order_and_skip_conflicts(
+    database: Database, store: Store
+) -> None:
+    """A batch INSERT through the driver: ids follow the batch's order (the change stream reads
+    events by id), a row conflicting with a stored one or with one earlier in the same batch is
+    skipped, JSON arrives as JSON (JSON null included) and NULLs stay NULL."""
+    insert = insert_rows(store.insert(task_events).on_conflict_do_nothing(), EVENT_COLUMNS)
+    now = stamp(datetime(2026, 12, 7, 12, 0, tzinfo=UTC), store.is_postgres)
+
+    def rows(*events: tuple[str, object]) -> list[tuple[object, ...]]:
+        return [("aicc", "t1", "trace", key, 1, None, now, json_text(data)) for key, data in events]
+
+    async with store.engine.begin() as conn:
+        await insert.run(conn, rows(("k3", {"a": [1, 2]}), ("k1", None)))
+    async with store.engine.begin() as conn:
+        await insert.run(
+            conn,
+            rows(
+                ("k1", {"again": True}),  # conflicts with a stored row
+                ("k2", "two"),
+                ("k0", {"né": "été"}),
+                ("k2", "twice"),  # conflicts with a row earlier in this batch
+            ),
+        )
+    async with store.engine.connect() as conn:
+        stored = await conn.execute(
+            sa.select(
+                task_events.c.dedup_key, task_events.c.data, task_events.c.occurred_at
+            ).order_by(task_events.c.id)
+        )
+        assert [tuple(r) for r in stored] == [
+            ("k3", {"a": [1, 2]}, None),
+            ("k1", None, None),
+            ("k2", "two", None),
+            ("k0", {"né": "été"}, None),
+        ]
