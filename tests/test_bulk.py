@@ -13,6 +13,7 @@ from tests.support.db import Database
 from worker.store import Store
 from worker.store.bulk import Bulk, id_list, in_id_list, insert_rows, json_text, stamp
 from worker.store.schema import UTCDateTime, task_events, tasks
+from worker.store.tasks import EVENT_COLUMNS
 
 
 @pytest.mark.parametrize(
@@ -69,18 +70,6 @@ async def test_an_id_list_is_one_parameter_on_both_databases(
     async with store.engine.connect() as conn:
         marked = [r[0] for r in await conn.execute(sa.select(tasks.c.id).where(tasks.c.not_found))]
     assert sorted(marked) == chosen
-
-
-EVENT_COLUMNS = (
-    "system",
-    "task_id",
-    "kind",
-    "dedup_key",
-    "snapshot_seq",
-    "occurred_at",
-    "observed_at",
-    "data",
-)
 
 
 @pytest.mark.anyio

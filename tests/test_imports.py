@@ -178,6 +178,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _script(
+    script: str, command: tuple[str, ...], tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """`script` (which patches anyio.run, then calls the command line) run with `command`, on a
+    SQLite file of its own."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *command],
+        capture_output=True,
+        text=True,
+        env=clean_env({"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path / 'probe.db'}"}),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -193,16 +209,7 @@ sys.exit(main(sys.argv[1:]))
     ids=" ".join,
 )
 def test_long_running_commands_collect_garbage(tmp_path: Path, command: tuple[str, ...]) -> None:
-    url = f"sqlite:///{tmp_path / 'gc.db'}"
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, *command],
-        capture_output=True,
-        text=True,
-        env=clean_env({"TASKSYNC_DATABASE__URL": url}),
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    result = _script(PROBE, command, tmp_path)
     expected = (startup.YOUNG_THRESHOLD, startup.MIDDLE_THRESHOLD)
     assert result.stderr == f"collecting at the event loop: True {expected}\n", result.stderr[
         -2000:
@@ -231,16 +238,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.parametrize("command", [("sync", "--all"), ("apply",), ("discover",)], ids=" ".join)
 def test_worker_commands_run_on_uvloop(tmp_path: Path, command: tuple[str, ...]) -> None:
     """The commands that poll and apply work on uvloop's event loop (worker/startup.py)."""
-    url = f"sqlite:///{tmp_path / 'loop.db'}"
-    result = subprocess.run(
-        [sys.executable, "-c", LOOPS, *command],
-        capture_output=True,
-        text=True,
-        env=clean_env({"TASKSYNC_DATABASE__URL": url}),
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    result = _script(LOOPS, command, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     loops = [line for line in result.stderr.splitlines() if line.startswith("loop: ")]
     assert loops and loops[-1] == "loop: uvloop", result.stderr[-2000:]

@@ -287,18 +287,13 @@ async def _with_store(
 
 def _with_schema(loaded: LoadedConfig, fn: Callable[[Store], Awaitable[T]]) -> T:
     """`fn` on the store, once the schema is known to be current (docs/interface.md: a database
-    never migrated is migrated on first use; an older one asks for `tasksync migrate`).
+    never migrated is migrated on first use; an older one asks for `tasksync migrate`)."""
+    from worker.store.migrate import run_migrated
 
-    The revision is read on the command's own engine: no second engine and connection first.
-    """
-    from worker.store.migrate import NeverMigrated
-
-    try:
-        return _run(lambda: _with_store(loaded, fn, check_schema=True))
-    except NeverMigrated:
-        pass
-    _ensure_schema(loaded.settings.database.url)  # outside the event loop: Alembic runs its own
-    return _run(lambda: _with_store(loaded, fn))
+    return run_migrated(
+        loaded.settings.database.url,
+        lambda check: _run(lambda: _with_store(loaded, fn, check_schema=check)),
+    )
 
 
 def _store_call(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:

@@ -16,7 +16,7 @@ from worker.model import System
 from worker.startup import LOOP_OPTIONS, resume_collection
 from worker.store import SqliteWorkerLock, Store, sqlite_path, worker_name
 from worker.store.engine import async_url
-from worker.store.migrate import NeverMigrated, check_schema, upgrade
+from worker.store.migrate import check_schema, run_migrated
 from worker.upstreams import build_upstreams
 from worker.upstreams.base import Upstream
 
@@ -93,20 +93,17 @@ def _run_worker(
     migrated is migrated on first use; an older one asks for `tasksync migrate`), not on an
     engine and event loop of its own first: that was ~15 ms of every run on PostgreSQL."""
     url = loaded.settings.database.url
+
+    def work(check: bool) -> int:
+        return anyio.run(
+            lambda: with_worker(loaded, fn, check=check),
+            backend="asyncio",
+            backend_options=LOOP_OPTIONS,
+        )
+
     with worker_lock(url):
         resume_collection()
-        try:
-            return anyio.run(
-                lambda: with_worker(loaded, fn, check=True),
-                backend="asyncio",
-                backend_options=LOOP_OPTIONS,
-            )
-        except NeverMigrated:
-            pass
-        upgrade(url)  # outside the event loop: Alembic runs its own
-        return anyio.run(
-            lambda: with_worker(loaded, fn), backend="asyncio", backend_options=LOOP_OPTIONS
-        )
+        return run_migrated(url, work)
 
 
 class ProgressBar(AbstractContextManager["ProgressBar"]):

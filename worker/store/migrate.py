@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -78,6 +79,20 @@ class NeverMigrated(Exception):
 
 
 _checked: set[str] = set()
+
+T = TypeVar("T")
+
+
+def run_migrated(url: str, run: Callable[[bool], T]) -> T:
+    """`run(True)`: a command's work that first reads the schema's revision on its own engine
+    (`check_schema`), not on an engine of its own opened before it. A database never migrated
+    is migrated here, outside any event loop (Alembic runs its own), then `run(False)`."""
+    try:
+        return run(True)
+    except NeverMigrated:
+        pass
+    ensure_schema(url)
+    return run(False)
 
 
 def ensure_schema(url: str) -> None:

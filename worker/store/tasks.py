@@ -339,6 +339,19 @@ class TaskStore(StoreBase):
             )
 
 
+# The columns of a batch of events, in the order of its rows (TaskStore._write builds them)
+EVENT_COLUMNS = (
+    "system",
+    "task_id",
+    "kind",
+    "dedup_key",
+    "snapshot_seq",
+    "occurred_at",
+    "observed_at",
+    "data",
+)
+
+
 @dataclass(frozen=True)
 class _BulkWrites:
     """The batch statements of a poll write (worker/store/bulk.py): rows are tuples."""
@@ -428,19 +441,7 @@ class _BulkWrites:
                     "payload",
                 ),
             ),
-            events=insert_rows(
-                store.insert(task_events).on_conflict_do_nothing(),
-                (
-                    "system",
-                    "task_id",
-                    "kind",
-                    "dedup_key",
-                    "snapshot_seq",
-                    "occurred_at",
-                    "observed_at",
-                    "data",
-                ),
-            ),
+            events=insert_rows(store.insert(task_events).on_conflict_do_nothing(), EVENT_COLUMNS),
             changed=Bulk(changed, (*common, "status", "state", "title", "hash", "seq")),
             failed=Bulk(failed, (*common, "error", "failures", "not_found")),
         )
