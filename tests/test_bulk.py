@@ -109,3 +109,39 @@ async def test_inserted_rows_keep_their_order_and_skip_conflicts(
             ("k2", "two", None),
             ("k0", {"né": "été"}, None),
         ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("due", [False, True])
+async def test_claims_walk_the_tasks_in_id_order_one_batch_at_a_time(
+    database: Database, store: Store, due: bool
+) -> None:
+    """Keyset claims of each system cover its tracked tasks once, in id order, whatever the
+    interleaving; on SQLite each claim walks the primary key from `after` (no index read and
+    sort of every candidate per batch, which made a cycle's claims quadratic)."""
+    for i in range(40):
+        for system in ("aicc", "secmaster", "koodrive"):
+            await store.track(system, [f"{system}-{i}"])
+    await store.untrack("aicc", ["aicc-7"])
+    due_before = datetime.now(UTC) + timedelta(seconds=1) if due else None
+    for system in ("aicc", "secmaster", "koodrive"):
+        claimed: list[str] = []
+        after = 0
+        while batch := await store.claim_tasks(
+            "w1", after_id=after, limit=7, lease=60, due_before=due_before, system=system
+        ):
+            assert [t.id for t in batch] == sorted(t.id for t in batch) and batch[0].id > after
+            after = batch[-1].id
+            claimed += [t.task_id for t in batch]
+        expected = [f"{system}-{i}" for i in range(40) if (system, i) != ("aicc", 7)]
+        assert claimed == expected
+    if store.is_postgres:
+        return  # PostgreSQL plans from its statistics (the claim's own comment)
+    claim = store._bulk.claim_due if due else store._bulk.claim_all
+    sql, _ = claim.compiled(sqlite.dialect())
+    async with store.engine.connect() as conn:
+        params = ("w1", "x", 0, "aicc", "x", 7, 0) + (("x",) if due else ())
+        plan = " / ".join(
+            str(r[-1]) for r in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params)
+        )
+    assert "INTEGER PRIMARY KEY (rowid>?)" in plan and "TEMP B-TREE" not in plan, plan

@@ -9,6 +9,8 @@ from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.sql.elements import UnaryExpression
+from sqlalchemy.sql.operators import custom_op
 
 from worker.model import JSON, Event, System
 from worker.store.base import StoreBase, utcnow
@@ -450,12 +452,15 @@ class _BulkWrites:
 def _claim(store: StoreBase, *, due: bool) -> Any:
     b = sa.bindparam
     time = UTCDateTime()
+    tracked, system = tasks.c.tracked, tasks.c.system
+    if not store.is_postgres:
+        tracked, system = _unindexed(tracked), _unindexed(system)
     candidates = (
         sa.select(tasks.c.id)
         .where(
-            tasks.c.tracked,
+            tracked,
             tasks.c.id > b("after", type_=sa.BigInteger()),
-            tasks.c.system == b("system", type_=sa.String()),
+            system == b("system", type_=sa.String()),
             sa.or_(tasks.c.lease_until.is_(None), tasks.c.lease_until < b("now", type_=time)),
         )
         .order_by(tasks.c.id)
@@ -487,6 +492,19 @@ def _claim(store: StoreBase, *, due: bool) -> Any:
             tasks.c.state,
         )
     )
+
+
+def _unindexed(column: sa.Column[Any]) -> Any:
+    """`+column`: SQLite's documented way to keep a term from choosing an index.
+
+    A claim walks the primary key from `after` and stops at `limit`, reading about three rows
+    per claimed one (the systems interleave). Without statistics SQLite would rather read the
+    candidates through the (tracked, next_poll_at) or (system, task_id) index and sort every
+    one of them by id, for every batch: a cycle's claims then cost O(tasks² / batch), 0.40 s of
+    SQLite's time in an 18,000-task `sync --all` against 0.09 s for the walk. Only where very
+    few tasks are due is the index cheaper (3 against 14 ms a cycle at 1 % of 18,000), and the
+    walk stays linear whatever the share."""
+    return UnaryExpression(column, operator=custom_op("+"), type_=column.type)
 
 
 def _read_time(value: datetime) -> datetime:
