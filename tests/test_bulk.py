@@ -12,8 +12,8 @@ from sqlalchemy.dialects import sqlite
 from tests.support.db import Database
 from worker.store import Store
 from worker.store.bulk import Bulk, id_list, in_id_list, insert_rows, json_text, stamp
-from worker.store.schema import UTCDateTime, task_events, tasks
-from worker.store.tasks import EVENT_COLUMNS
+from worker.store.schema import UTCDateTime, task_events, task_snapshots, tasks
+from worker.store.tasks import EVENT_COLUMNS, ClaimedTask
 
 
 @pytest.mark.parametrize(
@@ -145,3 +145,55 @@ async def test_claims_walk_the_tasks_in_id_order_one_batch_at_a_time(
             str(r[-1]) for r in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params)
         )
     assert "INTEGER PRIMARY KEY (rowid>?)" in plan and "TEMP B-TREE" not in plan, plan
+
+
+@pytest.mark.anyio
+async def test_latest_payloads_are_index_lookups_of_the_exact_snapshots(
+    database: Database, store: Store
+) -> None:
+    """The payload of each claimed task's current snapshot (not an older or newer one, not
+    another system's task of the same id), found through the snapshots' unique index."""
+    ids = ["t1", "4711", 'quote"d né', "t4"]
+    for system in ("aicc", "koodrive"):
+        await store.track(system, ids)
+    at = stamp(datetime(2026, 12, 7, tzinfo=UTC), store.is_postgres)
+    insert = insert_rows(
+        store.insert(task_snapshots),
+        ("system", "task_id", "seq", "fetched_at", "content_hash", "state", "payload"),
+    )
+    async with store.engine.begin() as conn:
+        await insert.run(
+            conn,
+            [
+                (system, task_id, seq, at, "h", "open", json_text({"of": [system, task_id, seq]}))
+                for system in ("aicc", "koodrive")
+                for task_id in ids
+                for seq in (1, 2, 3)
+            ],
+        )
+        rows = await conn.execute(sa.select(tasks.c.id, tasks.c.system, tasks.c.task_id))
+        task_ids = {(r.system, r.task_id): r.id for r in rows}
+    now = datetime.now(UTC)
+
+    def claimed(system: str, task_id: str, seq: int) -> ClaimedTask:
+        return ClaimedTask(task_ids[(system, task_id)], system, task_id, "h", seq, 0, now)  # type: ignore[arg-type]
+
+    wanted = [
+        claimed("aicc", "t1", 2),
+        claimed("aicc", "4711", 3),
+        claimed("aicc", 'quote"d né', 1),
+        claimed("koodrive", "4711", 1),
+        claimed("koodrive", "t4", 0),  # no snapshot yet: nothing to look up
+        claimed("koodrive", "t1", 4),  # not stored (yet): absent
+    ]
+    found = await store.latest_payloads(wanted)
+    assert found == {t.id: {"of": [t.system, t.task_id, t.snapshot_seq]} for t in wanted[:4]}
+    if store.is_postgres:
+        return  # PostgreSQL chooses by its statistics (an index search at any real size)
+    async with store.engine.connect() as conn:
+        sql = str(store._latest_payloads.compile(dialect=conn.dialect))
+        explained = await conn.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {sql}", ("[]", "$[0]", "$[1]", "$[2]")
+        )
+        plan = " / ".join(str(r[-1]) for r in explained)
+    assert "SCAN task_snapshots" not in plan and "USING INDEX" in plan, plan

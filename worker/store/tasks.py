@@ -169,24 +169,55 @@ class TaskStore(StoreBase):
             return int(await conn.scalar(query) or 0)
 
     async def latest_payloads(self, claimed: Sequence[ClaimedTask]) -> dict[int, JSON]:
-        """The stored payload of each task's newest snapshot, keyed by tasks.id."""
+        """The stored payload of each task's newest snapshot, keyed by tasks.id.
+
+        The keys are one parameter joined to the snapshots' unique index, so each lookup is an
+        index search whatever the table's size. (`(system, task_id, seq) IN (VALUES ...)` was
+        a scan of every snapshot on SQLite, and a hash join over them on PostgreSQL, for every
+        batch with a change: its cost grew with the history kept.)"""
         wanted = [t for t in claimed if t.snapshot_seq > 0]
         if not wanted:
             return {}
         keys = {(t.system, t.task_id, t.snapshot_seq): t.id for t in wanted}
-        statement = sa.select(
-            task_snapshots.c.system,
-            task_snapshots.c.task_id,
-            task_snapshots.c.seq,
-            task_snapshots.c.payload,
-        ).where(
-            sa.tuple_(task_snapshots.c.system, task_snapshots.c.task_id, task_snapshots.c.seq).in_(
-                list(keys)
-            )
-        )
+        if self.is_postgres:
+            params: dict[str, Any] = {
+                "systems": [k[0] for k in keys],
+                "task_ids": [k[1] for k in keys],
+                "seqs": [k[2] for k in keys],
+            }
+        else:
+            params = {"keys": json_text(list(keys))}
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(statement)).all()
+            rows = (await conn.execute(self._latest_payloads, params)).all()
         return {keys[(s, t, q)]: payload for s, t, q, payload in rows}
+
+    @cached_property
+    def _latest_payloads(self) -> sa.Select[Any]:
+        b = sa.bindparam
+        snapshots = task_snapshots.c
+        if self.is_postgres:
+            keys = (
+                sa.func.unnest(
+                    b("systems", type_=sa.ARRAY(sa.String())),
+                    b("task_ids", type_=sa.ARRAY(sa.String())),
+                    b("seqs", type_=sa.ARRAY(sa.Integer())),
+                )
+                .table_valued("system", "task_id", "seq", name="wanted")
+                .render_derived()
+            )
+            key: tuple[Any, ...] = (keys.c.system, keys.c.task_id, keys.c.seq)
+        else:
+            listed = sa.func.json_each(b("keys", type_=sa.String())).table_valued(
+                "value", name="wanted"
+            )
+            key = tuple(sa.func.json_extract(listed.c.value, f"$[{i}]") for i in range(3))
+            keys = listed
+        matches = sa.and_(
+            snapshots.system == key[0], snapshots.task_id == key[1], snapshots.seq == key[2]
+        )
+        return sa.select(
+            snapshots.system, snapshots.task_id, snapshots.seq, snapshots.payload
+        ).select_from(keys.join(task_snapshots, matches))
 
     async def write_results(self, worker: str, results: Sequence[PollResult]) -> None:
         """Write one batch of poll results in one transaction: snapshots and events (which
