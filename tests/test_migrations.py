@@ -57,3 +57,45 @@ def test_views_exist(database: Database, view: str) -> None:
             await store.aclose()
 
     assert anyio.run(query) == 0
+
+
+def test_postgresql_stores_tasks_with_room_for_updates_and_payloads_as_lz4(
+    database: Database,
+) -> None:
+    """Revision 0005: storage settings on PostgreSQL only (what rows hold is unchanged)."""
+    import anyio
+    import sqlalchemy as sa
+
+    from worker.store import Store
+
+    async def settings() -> tuple[object, object, object]:
+        store = Store.open(database.url)
+        try:
+            async with store.engine.connect() as conn:
+                if not store.is_postgres:
+                    return (None, None, None)
+                options = await conn.scalar(
+                    sa.text("SELECT reloptions FROM pg_class WHERE relname = 'tasks'")
+                )
+                compression = await conn.scalar(
+                    sa.text(
+                        "SELECT attcompression::text FROM pg_attribute "
+                        "WHERE attrelid = 'task_snapshots'::regclass AND attname = 'payload'"
+                    )
+                )
+                has_lz4 = await conn.scalar(
+                    sa.text(
+                        "SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+                        "WHERE name = 'default_toast_compression'"
+                    )
+                )
+                return (options, compression, has_lz4)
+        finally:
+            await store.aclose()
+
+    options, compression, has_lz4 = anyio.run(settings)
+    if database.kind == "sqlite":
+        assert options is None
+        return
+    assert options == ["fillfactor=70"]
+    assert compression == ("l" if has_lz4 else "")
