@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
@@ -197,3 +198,33 @@ async def test_latest_payloads_are_index_lookups_of_the_exact_snapshots(
         )
         plan = " / ".join(str(r[-1]) for r in explained)
     assert "SCAN task_snapshots" not in plan and "USING INDEX" in plan, plan
+
+
+@pytest.mark.anyio
+async def test_sqlite_transactions_take_turns_on_one_connection(
+    database: Database, store: Store
+) -> None:
+    """SQLite runs one transaction at a time (each begins IMMEDIATE), so concurrent ones wait
+    for the one connection in the pool's queue instead of sleeping in SQLite's busy handler on
+    connections of their own; all of them complete."""
+    if store.is_postgres:
+        pytest.skip("PostgreSQL runs transactions side by side on a pool of connections")
+    opened: list[object] = []
+    sa.event.listen(store.engine.sync_engine, "connect", lambda conn, _: opened.append(conn))
+
+    async def track(n: int) -> None:
+        async with store.engine.begin() as conn:
+            await conn.execute(sa.text("SELECT count(*) FROM tasks"))
+            await anyio.sleep(0.01)  # hold the transaction across a switch to the others
+            await conn.execute(
+                tasks.insert().values(
+                    system="aicc", task_id=f"t{n}", next_poll_at=datetime.now(UTC)
+                )
+            )
+
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(track, n)
+    assert len(opened) <= 1
+    async with store.engine.connect() as conn:
+        assert await conn.scalar(sa.select(sa.func.count()).select_from(tasks)) == 20

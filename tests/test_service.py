@@ -29,7 +29,7 @@ from worker.actions import ActionRunner, ApplyStats
 from worker.config import Schedule, Settings
 from worker.hooks import Hooks
 from worker.sandbox import Sandbox
-from worker.service import Daemon, GatedStore, Health, Pulse, _trigger
+from worker.service import LISTEN_SAFETY_POLL, Daemon, GatedStore, Health, Pulse, _trigger
 from worker.store import Store, create_engine
 from worker.store.listen import describe_outage, is_outage, listen_dsn
 
@@ -258,8 +258,10 @@ async def test_ready_watchdog_fast_actions_and_clean_stop(
                 task_id = sb.task_ids("secmaster")[0]
                 action_id = await insert_comment(store, task_id, "from the test")
                 latency = await wait_status(store, action_id, "succeeded", 15)
-                limit = 2.0 if database.kind == "postgres" else 4.0
-                assert latency < limit, f"applied after {latency:.2f}s"
+                # Woken, not waited for: PostgreSQL's NOTIFY (else the 30 s safety poll) or
+                # SQLite's 1 s action poll, never the hour-long sync schedule. A third of the
+                # safety poll, so a loaded machine (CI runs two test workers) cannot fail it.
+                assert latency < LISTEN_SAFETY_POLL / 3, f"applied after {latency:.2f}s"
                 applied = sb.applied("secmaster", task_id)
                 assert [e.params["comment"] for e in applied] == ["from the test"]
 
@@ -538,7 +540,8 @@ async def test_a_slow_batch_beats_when_it_records(database: Database, store: Sto
         assert stats.succeeded == 3, stats
         # the claim, the attempts (before the slow sends), the outcomes (after them)
         assert len(beats) == 3, beats
-        assert answered - beats[1] >= 0.5 and answered - beats[2] < 0.5
+        # the outcomes' beat comes after the slow answers (a lower bound: no timing to lose)
+        assert beats[2] - beats[1] >= 0.5 and answered >= beats[2]
         assert await scalar(store, "SELECT count(*) FROM actions WHERE status = 'succeeded'") == 3
 
 

@@ -93,9 +93,10 @@ async def test_a_40_per_second_gateway_without_rate_limit(
         assert await count(store, "tasks", "last_polled_at IS NOT NULL") == 3 * per_system
         assert await count(store, "tasks", "consecutive_failures > 0") == 0
         assert throttled_share(sb) <= 0.10, sb.gateway.refused
-        # the systems run side by side at the gateway's pace: n/limit is 10 s
+        # the systems run side by side at the gateway's pace: n/limit is 10 s, one after the
+        # other would be 30 (the bound leaves room for a loaded machine, not for that)
         took = await cycle_seconds(store)
-        assert took <= 1.5 * per_system / limit, took
+        assert took < 2.5 * per_system / limit, took
         status = await tasksync(database, config, "status", "--json")
         report = json.loads(status[0].stdout)
         for system in SYSTEMS:
