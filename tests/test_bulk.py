@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
 from tests.support.db import Database
-from worker.store import Store
+from worker.store import Store, create_engine
 from worker.store.bulk import Bulk, id_list, in_id_list, insert_rows, json_text, stamp
 from worker.store.schema import UTCDateTime, task_events, task_snapshots, tasks
 from worker.store.tasks import EVENT_COLUMNS, ClaimedTask
@@ -228,3 +228,15 @@ async def test_sqlite_transactions_take_turns_on_one_connection(
     assert len(opened) <= 1
     async with store.engine.connect() as conn:
         assert await conn.scalar(sa.select(sa.func.count()).select_from(tasks)) == 20
+
+
+@pytest.mark.anyio
+async def test_an_in_memory_sqlite_database_keeps_its_static_connection() -> None:
+    """The one-connection pool is for files: `sqlite:///:memory:` has its own static pool (and
+    would refuse a pool size)."""
+    engine = create_engine("sqlite:///:memory:")
+    try:
+        async with engine.connect() as conn:
+            assert await conn.scalar(sa.text("SELECT 1")) == 1
+    finally:
+        await engine.dispose()

@@ -68,8 +68,10 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         # writes sleeps in SQLite's busy handler (1, 2, 5, 10 ... ms, past the moment the
         # lock is free) on a thread of its own; with one, it waits in the pool's asyncio queue
         # and starts the moment the connection returns. An unchanged 18,000-task cycle took
-        # 2.15 s instead of 2.62 (median of 5 alternated runs, bench/README.md).
-        kwargs.update(pool_size=1, max_overflow=0)
+        # 2.15 s instead of 2.62 (median of 5 alternated runs, bench/README.md). (An in-memory
+        # database has SQLAlchemy's single static connection already.)
+        if path is not None:
+            kwargs.update(pool_size=1, max_overflow=0)
     else:
         # No pre-ping: it would add a round trip to every transaction of the hot path. A
         # connection the server dropped fails its first statement instead; SQLAlchemy then
