@@ -30,7 +30,8 @@ PAGE = 1000  # events per query when reading a range
 
 
 async def lock_event_order(conn: Any) -> None:
-    """Call first in a PostgreSQL transaction that will store events (see the module doc)."""
+    """Call in a PostgreSQL transaction before it stores events (see the module doc). It is
+    held until the commit: take it as late as possible."""
     await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(EVENT_ORDER_LOCK)))
 
 
