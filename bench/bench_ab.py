@@ -66,6 +66,10 @@ def checkouts(revs: list[str], folder: Path) -> Iterator[list[Path]]:
                 check=True,
             )
             made.append(tree)
+            # The migrations ship as worker.migrations (pyproject.toml); in a source tree they
+            # are the top-level migrations/, which the editable install maps for this checkout
+            # only: without the link an older revision would migrate with this one's revisions.
+            (tree / "worker" / "migrations").symlink_to(tree / "migrations")
             compileall.compile_dir(tree / "worker", quiet=1)  # as installed (common.py)
             trees.append(tree)
         yield trees
