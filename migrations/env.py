@@ -64,6 +64,12 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         render_item=_render_item,
+        # All revisions in one transaction on SQLite too (Alembic assumes SQLite cannot, from
+        # a driver that committed before DDL; ours runs DDL inside BEGIN IMMEDIATE). Without
+        # it each revision committed on its own, and a process reading a fresh database at
+        # that moment (a first command beside the one migrating it) found an older revision
+        # and refused to run instead of waiting for the migration to finish.
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.support.db import Database
@@ -99,3 +101,25 @@ def test_postgresql_stores_tasks_with_room_for_updates_and_payloads_as_lz4(
         return
     assert options == ["fillfactor=70"]
     assert compression == ("l" if has_lz4 else "")
+
+
+def test_commands_beside_the_first_migration_of_a_sqlite_file_wait_for_it(tmp_path: Path) -> None:
+    """A fresh SQLite file is migrated by the first command that uses it. Commands started
+    while that runs must wait for it and find the schema at head: every revision is one
+    transaction with the others, so none of them can read a half-migrated file (each revision
+    used to commit on its own, and a command arriving between two said "the database schema
+    is at revision 0002; run `tasksync migrate`")."""
+    import subprocess
+    import time
+
+    from tests.support.cli import spawn_cli
+
+    env = {"TASKSYNC_DATABASE__URL": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    commands = []
+    for _ in range(14):  # staggered across the first migration's few hundred milliseconds
+        commands.append(
+            spawn_cli("status", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+        time.sleep(0.025)
+    outcomes = [(proc.communicate(timeout=60)[1], proc.returncode) for proc in commands]
+    assert [rc for _, rc in outcomes] == [0] * len(commands), outcomes

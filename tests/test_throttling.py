@@ -181,7 +181,10 @@ async def test_two_workers_share_one_gateway_limit(
         polled = sum(int(r.stdout.split()[1]) for r in results)
         assert polled == 3 * per_system
         assert await count(store, "tasks", "last_polled_at IS NOT NULL") == 3 * per_system
-        assert throttled_share(sb) <= 0.10, sb.gateway.refused
+        # Sharing, not 40/s each: two workers each at the limit would see half their requests
+        # refused. The bound leaves room for the fixed cost above, which grows on a loaded
+        # machine (10.2 % once in CI, beside another test worker), not for that.
+        assert throttled_share(sb) <= 0.20, sb.gateway.refused
         assert await count(store, "tasks", "consecutive_failures > 0") == 0
 
 
