@@ -33,7 +33,6 @@ from common import (
     ROOT,
     Database,
     SandboxProcess,
-    _track,
     analyze,
     checked,
     clone_database,
@@ -43,6 +42,7 @@ from common import (
     sandbox,
     save,
     table,
+    track,
     write_config,
 )
 
@@ -90,9 +90,7 @@ def prepare(tree: Path, sb: SandboxProcess, workdir: Path, kind: str, name: str)
     db = new_database(kind, name, workdir)
     argv, env = command(tree, write_config(workdir, sb, db, CONCURRENCY), "migrate")
     checked(run_process(argv, env), f"migrate ({tree})")
-    import asyncio
-
-    asyncio.run(_track(db.url, sb.pairs()))
+    track(db.url, sb.pairs())
     analyze(db)
     return db
 
@@ -112,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.rev) != 2:
         parser.error("give --rev exactly twice")
-    runs: dict[int, dict[str, list[dict[str, float]]]] = {0: {}, 1: {}}
+    runs: list[dict[str, list[dict[str, float]]]] = [{}, {}]  # per revision, per cycle
     with (
         tempfile.TemporaryDirectory(prefix="tasksync-ab-") as tmp,
         checkouts(args.rev, Path(tmp)) as trees,
@@ -160,7 +158,7 @@ def main() -> None:
             "revs": args.rev,
             "db": args.db,
             "tasks": args.tasks,
-            "runs": [runs[0], runs[1]],
+            "runs": runs,
             **summary,
         },
     )

@@ -201,7 +201,12 @@ def prepare(db: Database, pairs: Sequence[Pair]) -> None:
     from worker.store.migrate import upgrade
 
     upgrade(db.url)
-    asyncio.run(_track(db.url, pairs))
+    track(db.url, pairs)
+
+
+def track(url: str, pairs: Sequence[Pair]) -> None:
+    """Track `pairs` in a migrated database (setup, not measured)."""
+    asyncio.run(_track(url, pairs))
 
 
 async def _track(url: str, pairs: Sequence[Pair]) -> None:
